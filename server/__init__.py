@@ -1,0 +1,1 @@
+"""The aggregation server: Flower ServerApp, strategies, checkpoints and the run's history."""

@@ -1,0 +1,90 @@
+"""What a run leaves behind: global-model checkpoints, `history.json` and a summary table.
+
+Every file is written to a temporary name and renamed into place, so a crash mid-write never
+leaves a truncated checkpoint or history behind the "latest" name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, mode) as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/Infinity: undefined metrics become null, ε = ∞ becomes the string "inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+class RunRecord:
+    def __init__(self, run_dir: str | Path, config: dict[str, Any]) -> None:
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        self.rounds: dict[int, dict[str, Any]] = {}
+        self.started = time.time()
+
+    def round(self, server_round: int) -> dict[str, Any]:
+        return self.rounds.setdefault(server_round, {"round": server_round, "sites": {}, "started": time.time()})
+
+    def site(self, server_round: int, site: str) -> dict[str, Any]:
+        return self.round(server_round)["sites"].setdefault(site, {})
+
+    def save_checkpoint(self, server_round: int, arrays: ArrayRecord) -> Path:
+        state = {"state_dict": arrays.to_torch_state_dict(), "round": server_round, "config": self.config}
+        path = self.dir / "checkpoints" / f"global_model-round{server_round:03d}.pt"
+        _atomic_write(path, lambda fh: torch.save(state, fh), mode="wb")
+        _atomic_write(self.dir / "global_model.pt", lambda fh: torch.save(state, fh), mode="wb")
+        return path
+
+    def close_round(self, server_round: int, dice: float) -> None:
+        entry = self.round(server_round)
+        entry["dice"] = dice
+        entry["duration_s"] = time.time() - entry["started"]
+        self.write_history()
+
+    def write_history(self) -> None:
+        history = {"config": self.config, "rounds": [self.rounds[r] for r in sorted(self.rounds)],
+                   "wall_time_s": time.time() - self.started}
+        _atomic_write(self.dir / "history.json", lambda fh: json.dump(_clean(history), fh, indent=1))
+
+    def summary(self) -> str:
+        """The table shown at the end of a run (also saved as summary.md)."""
+        def fmt(v: Any, spec: str = ".3f") -> str:
+            return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec) if isinstance(v, float) else str(v)
+        rounds = [self.rounds[r] for r in sorted(self.rounds)]
+        lines = ["| round | foreground Dice | duration (s) |", "|---:|---:|---:|"]
+        lines += [f"| {r['round']} | {fmt(r.get('dice'))} | {fmt(r.get('duration_s'), '.1f')} |" for r in rounds]
+        last = rounds[-1] if rounds else {"sites": {}}
+        lines += ["", "| site | train examples | val Dice | Dice per class | HD95 (mm) | ε spent | status |", "|---|---:|---:|---|---:|---:|---|"]
+        for name, s in sorted(last["sites"].items()):
+            per_class = " / ".join(fmt(d) for d in s.get("val_dice_per_class", []))
+            lines.append(f"| {name} | {fmt(s.get('examples'))} | {fmt(s.get('val_dice'))} | {per_class or '-'} | {fmt(s.get('val_hd95_mm'), '.1f')} "
+                         f"| {fmt(s.get('epsilon'), '.2f')} | {s.get('status', '-')} |")
+        text = "\n".join(lines)
+        _atomic_write(self.dir / "summary.md", lambda fh: fh.write(f"# fedseg run summary\n\nDelta: {self.config.get('delta')}\n\n{text}\n"))
+        return text

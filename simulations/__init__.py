@@ -1,0 +1,1 @@
+"""Synthetic multi-site federations and the local simulation driver."""

@@ -1,0 +1,62 @@
+"""`fedseg simulate`: N hospital sites and the aggregation server in one process, on Flower's
+simulation engine (Ray), with the same ServerApp and ClientApp code a deployment runs."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def site_folders(data_root: Path) -> list[str]:
+    """Each non-hidden subfolder of the data root is one site, as a hospital would lay it out."""
+    sites = sorted(str(p) for p in data_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(sites) < 1:
+        raise SystemExit(f"--data-root {data_root} has no site subfolders")
+    return sites
+
+
+def flower_environment(run_dir: Path) -> None:
+    """Keep Flower's state inside the run folder, offline and quiet."""
+    os.environ.setdefault("FLWR_HOME", str(run_dir / ".flwr"))
+    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+    os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def run_simulation(sites: list[str], run_dir: Path, overrides: dict[str, Any], epsilon_budget: float,
+                   ledger_dir: Path, cpus_per_site: float = 1.0) -> Path:
+    """Train over `sites` (site folders) and leave checkpoints, history and summary in `run_dir`."""
+    from flwr.simulation import run_simulation as flower_run_simulation
+
+    from client.client_app import build_client_app, simulated_sites
+    from server.server_app import build_server_app
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    flower_environment(run_dir)
+    gpus = 1.0 / len(sites) if torch.cuda.is_available() else 0.0
+    backend = {"client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus},
+               "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
+    started = time.time()
+    flower_run_simulation(
+        server_app=build_server_app({**overrides, "run-dir": str(run_dir)}),
+        client_app=build_client_app(simulated_sites(sites, str(ledger_dir), epsilon_budget)),
+        num_supernodes=len(sites),
+        backend_config=backend,
+    )
+    if not (run_dir / "history.json").is_file():
+        raise SystemExit(f"the simulation ended without writing {run_dir / 'history.json'}; see the log above")
+    print(f"simulation finished in {time.time() - started:.0f} s")
+    return run_dir
+
+
+def budget_for(epsilon: float, explicit: float | None) -> float:
+    """A site's ε budget: as given, else the run's target (∞ for a non-DP baseline)."""
+    if explicit is not None:
+        return explicit
+    return epsilon if math.isfinite(epsilon) else math.inf

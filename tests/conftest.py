@@ -1,0 +1,22 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+CLASSES = ("background", "organ", "lesion")
+
+
+@pytest.fixture(scope="session")
+def tiny_federation(tmp_path_factory) -> Path:
+    """Two tiny synthetic sites written by our generator (real DICOM + DICOM-SEG files)."""
+    from simulations.federation import build_federation
+
+    return build_federation(tmp_path_factory.mktemp("cache"), num_sites=2, seed=0, size="tiny", progress=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_site(tiny_federation) -> Path:
+    return tiny_federation / "site-01"

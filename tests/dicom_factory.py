@@ -1,0 +1,84 @@
+"""Test series written the way other DICOM tools write them: MR, implicit VR, flat folders,
+shuffled numeric file names, arbitrary InstanceNumbers, a rescale slope, any orientation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ImplicitVRLittleEndian, MRImageStorage, generate_uid
+
+
+def write_series(folder: Path, volume: np.ndarray, *, patient: str = "P1", spacing=(4.0, 1.5, 1.5),
+                 tilt_deg: float = 0.0, descending: bool = False, slope: float = 1.0, intercept: float = 0.0,
+                 modality: str = "MR", seed: int = 0) -> list[pydicom.Dataset]:
+    """`volume` is [slices, rows, cols] in modality units, slice 0 lowest along the normal.
+    Returns the datasets in ascending-normal order (what a correct reader must reconstruct)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    t = np.deg2rad(tilt_deg)
+    row_dir, col_dir = np.array([1.0, 0.0, 0.0]), np.array([0.0, np.cos(t), np.sin(t)])
+    normal = np.cross(row_dir, col_dir)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    n = len(volume)
+    names = rng.permutation(n) + 1
+    numbers = rng.permutation(n) + 1
+    datasets = []
+    for k in range(n):
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = patient, f"Test^{patient}", "", "F"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.StudyID, ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "20250101", "0900", "", ""
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, 7, int(numbers[k])
+        ds.Manufacturer, ds.PositionReferenceIndicator = "OtherVendor", ""
+        ds.ImageOrientationPatient = list(np.concatenate([row_dir, col_dir]))
+        ds.ImagePositionPatient = list(np.array([-20.0, -30.0, 5.0]) + k * spacing[0] * normal)
+        ds.PixelSpacing, ds.SliceThickness = [spacing[1], spacing[2]], spacing[0]
+        ds.Rows, ds.Columns = volume.shape[1:]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        ds.PixelData = np.rint((volume[k] - intercept) / slope).astype(np.uint16).tobytes()
+        datasets.append(ds)
+    for k in (range(n - 1, -1, -1) if descending else range(n)):
+        datasets[k].save_as(folder / f"{names[k]}", enforce_file_format=False)
+    return datasets
+
+
+def write_seg(path: Path, datasets: list[pydicom.Dataset], mask: np.ndarray, labels: list[str]) -> None:
+    """A SEG as a third-party tool might write it: segments named freely, source order shuffled."""
+    order = np.random.default_rng(1).permutation(len(datasets))
+    present = [i for i in range(1, len(labels) + 1) if (mask == i).any()]
+    seg = hd.seg.Segmentation(
+        source_images=[datasets[i] for i in order],
+        pixel_array=np.stack([(mask[order] == i) for i in present], axis=-1).astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[hd.seg.SegmentDescription(
+            segment_number=j + 1, segment_label=labels[i - 1], segmented_property_category=codes.SCT.Organ,
+            segmented_property_type=codes.SCT.Organ, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+            for j, i in enumerate(present)],
+        series_instance_uid=generate_uid(), series_number=99, sop_instance_uid=generate_uid(), instance_number=1,
+        manufacturer="ThirdParty", manufacturer_model_name="Annotator", software_versions="2.0", device_serial_number="1",
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seg.save_as(path)
+
+
+def blob_volume(shape=(6, 24, 24), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """An image whose slice k has mean value 100 * k, and a mask with an organ and a lesion."""
+    rng = np.random.default_rng(seed)
+    n, r, c = shape
+    image = np.stack([np.full((r, c), 100.0 * k) for k in range(n)]) + rng.normal(0, 5, shape).clip(-10, 10) + 50
+    mask = np.zeros(shape, dtype=np.uint8)
+    mask[1:5, 6:18, 6:18] = 1
+    mask[3, 10:13, 10:13] = 2
+    image[mask == 1] += 300
+    return image, mask

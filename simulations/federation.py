@@ -22,7 +22,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from common.seg_writer import write_seg
 from simulations.phantom import random_anatomy, render
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 CLASS_NAMES = ("background", "organ", "lesion")
 
 

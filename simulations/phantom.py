@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 ORGAN, LESION = 1, 2
-HU = {"air": -1000.0, "fat": -90.0, "soft": 40.0, "organ": 105.0, "lesion": 35.0, "bone": 650.0}
+HU = {"air": -1000.0, "fat": -90.0, "soft": 40.0, "organ": 105.0, "lesion": 165.0, "bone": 650.0}
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -34,11 +34,6 @@ def build_strategy(config: dict[str, Any]) -> Strategy:
     return FedAvg(**common)
 
 
-def _site_of(msg: Message) -> tuple[str, str, str]:
-    site = msg.content.config_records.get("site", ConfigRecord())
-    return (str(site.get("name", f"node-{msg.metadata.src_node_id}")), str(site.get("status", "ok")), str(site.get("reason", "")))
-
-
 class FederationStrategy(Strategy):
     """Delegates the maths to a Flower strategy; records each site's reply and checkpoints rounds."""
 
@@ -55,19 +50,21 @@ class FederationStrategy(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
-    def _failed(self, server_round: int, msg: Message, stage: str) -> None:
-        name = f"node-{msg.metadata.src_node_id}"
-        self.record.site(server_round, name).update(status=f"{stage}_failed", reason=msg.error.reason)
-        log.warning("round %d: %s %s failed: %s", server_round, name, stage, msg.error.reason)
+    def _site_replies(self, server_round: int, replies: Iterable[Message], stage: str) -> Iterator[tuple[Message, str, str, str, MetricRecord]]:
+        """Replies that carry content, with their site; failed ones are recorded and logged here."""
+        for msg in replies:
+            if msg.has_error():
+                name = f"node-{msg.metadata.src_node_id}"
+                self.record.site(server_round, name).update(status=f"{stage}_failed", reason=msg.error.reason)
+                log.warning("round %d: %s %s failed: %s", server_round, name, stage, msg.error.reason)
+                continue
+            site = msg.content.config_records.get("site", ConfigRecord())
+            name = str(site.get("name", f"node-{msg.metadata.src_node_id}"))
+            yield msg, name, str(site.get("status", "ok")), str(site.get("reason", "")), msg.content["metrics"]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         trained = []
-        for msg in replies:
-            if msg.has_error():
-                self._failed(server_round, msg, "train")
-                continue
-            name, status, reason = _site_of(msg)
-            m = msg.content["metrics"]
+        for msg, name, status, reason, m in self._site_replies(server_round, replies, "train"):
             self.record.site(server_round, name).update(
                 status=status, reason=reason, examples=int(m["num-examples"]), train_loss=float(m["train-loss"]),
                 epsilon=float(m["epsilon"]), noise_multiplier=float(m["noise-multiplier"]), steps=int(m["steps"]))
@@ -86,12 +83,7 @@ class FederationStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         valid = []
-        for msg in replies:
-            if msg.has_error():
-                self._failed(server_round, msg, "evaluate")
-                continue
-            name, _, _ = _site_of(msg)
-            m = msg.content["metrics"]
+        for msg, name, _, _, m in self._site_replies(server_round, replies, "evaluate"):
             entry = self.record.site(server_round, name)
             entry.update(val_dice=float(m["dice"]), val_iou=float(m["iou"]), val_hd95_mm=float(m["hd95"]),
                          val_slices=int(m["num-examples"]), epsilon=float(m["epsilon"]),

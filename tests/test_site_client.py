@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
@@ -31,12 +32,12 @@ def _config(server_round: int, **overrides) -> ConfigRecord:
     return ConfigRecord({**{k: cfg[k] for k in SITE_KEYS}, "server-round": server_round})
 
 
-def _call(site_dir, ledger_dir, kind, server_round=1, budget=100.0, **overrides) -> Message:
+def _call(site_dir, ledger_dir, kind, server_round=1, budget=100.0, name="north", **overrides) -> Message:
     config = _config(server_round, **overrides)
     model = build_model(len(class_names(config)))
     msg = Message(content=RecordDict({"arrays": to_arrays(model), "config": config}), dst_node_id=7, message_type=kind)
     context = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
-                      node_config={"data-dir": str(site_dir), "site-name": "north", "ledger-dir": str(ledger_dir), "epsilon-budget": budget})
+                      node_config={"data-dir": str(site_dir), "site-name": name, "ledger-dir": str(ledger_dir), "epsilon-budget": budget})
     return build_client_app()(msg, context)
 
 
@@ -96,3 +97,23 @@ def test_corrupt_ledger_stops_the_site(tmp_path):
     ledger.path.write_text(json.dumps({"accountant_history": "garbage"}))
     with pytest.raises(LedgerError, match="not reset"):
         PrivacyLedger(tmp_path, "abc", "north")
+
+
+def test_server_records_a_refusing_site_and_aggregates_the_others(tiny_site, tmp_path):
+    from flwr.serverapp.strategy import FedAvg
+
+    from server.run_record import RunRecord
+    from server.strategy import FederationStrategy
+
+    ok = _call(tiny_site, tmp_path / "a", MessageType.TRAIN, name="north")
+    refused = _call(tiny_site, tmp_path / "b", MessageType.TRAIN, budget=0.5, name="south")
+    record = RunRecord(tmp_path / "run", run_config())
+    strategy = FederationStrategy(FedAvg(min_train_nodes=1), record, progress=lambda _: None)
+    arrays, _ = strategy.aggregate_train(1, [ok, refused])
+    aggregated = arrays.to_torch_state_dict()
+    for key, value in ok.content["arrays"].to_torch_state_dict().items():
+        assert torch.allclose(aggregated[key], value)  # only the site that trained contributes
+    sites = record.round(1)["sites"]
+    assert sites["north"]["status"] == "ok" and sites["south"]["status"] == "budget_exhausted"
+    assert "budget" in sites["south"]["reason"]
+    assert (tmp_path / "run" / "checkpoints" / "global_model-round001.pt").is_file()

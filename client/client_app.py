@@ -19,13 +19,13 @@ from flwr.clientapp import ClientApp
 
 from client.privacy_ledger import PrivacyLedger
 from client.training import BudgetExhausted, evaluate, train_round
-from common.config import TrainSettings, class_names
+from common.config import RUN_DEFAULTS, TrainSettings, class_names
 from common.dataset import SiteData, load_site
 from common.model import build_model, pick_device
 from common.parameters import load_arrays, to_arrays
 
 log = logging.getLogger("fedseg.site")
-_reported: set[str] = set()
+log.setLevel(logging.INFO)  # a deployed site's round lines reach its console through the SuperNode
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,18 @@ class SiteConfig:
 
 
 def site_data(site: SiteConfig, config: Mapping[str, Any]) -> SiteData:
-    data = load_site(site.data_dir, tuple(class_names(config)), int(config["image-size"]), float(config["val-fraction"]), int(config["seed"]))
-    if site.data_dir not in _reported:  # the load report stays at the site, in its log
-        _reported.add(site.data_dir)
-        log.info("%s", data.report.format())
+    return load_site(site.data_dir, tuple(class_names(config)), int(config["image-size"]), float(config["val-fraction"]), int(config["seed"]))
+
+
+def preflight(site: SiteConfig, config: Mapping[str, Any] = RUN_DEFAULTS) -> SiteData:
+    """Load and check the site's data and ledger before it joins, so a misconfigured site fails at
+    start, not in round 3. Prints the load report (it stays at the site) and the budget left."""
+    data = site_data(site, config)
+    print(data.report.format())
+    spent = PrivacyLedger(site.ledger_dir, data.fingerprint, site.name).epsilon(float(config["delta"]))
+    print(f"{site.name}: {len(data.train_images)} training slices from {len(data.train_patients)} patients, "
+          f"{len(data.validation)} validation series; privacy ledger {site.ledger_dir}: ε spent {spent:.2f} "
+          f"of budget {site.epsilon_budget:g} (δ {config['delta']:g})", flush=True)
     return data
 
 
@@ -82,6 +90,9 @@ def build_client_app(site_for: Any = SiteConfig.from_node_config) -> ClientApp:
             return _reply(msg, site, "budget_exhausted", metrics, reason=str(refusal))
         metrics.update({"num-examples": len(data.train_images), "train-loss": result.train_loss, "epsilon": result.epsilon,
                         "steps": result.steps, "noise-multiplier": result.noise_multiplier})
+        log.info("%s round %d: %d %s steps (noise multiplier %.2f), train loss %.3f, ε spent %.2f of budget %g",
+                 site.name, settings.server_round, result.steps, "DP-SGD" if settings.private else "non-private SGD",
+                 result.noise_multiplier, result.train_loss, result.epsilon, site.epsilon_budget)
         return _reply(msg, site, "ok", metrics, arrays=to_arrays(model))
 
     @app.evaluate()
@@ -94,6 +105,7 @@ def build_client_app(site_for: Any = SiteConfig.from_node_config) -> ClientApp:
         metrics = evaluate(model, data, len(class_names(config)), pick_device())
         ledger = PrivacyLedger(site.ledger_dir, data.fingerprint, site.name)
         metrics.update({"num-examples": sum(len(v.image) for v in data.validation), "epsilon": ledger.epsilon(float(config["delta"]))})
+        log.info("%s round %s: validation Dice %.3f on %d patients", site.name, config.get("server-round", "?"), metrics["dice"], len(data.validation))
         return _reply(msg, site, "ok", metrics)
 
     return app

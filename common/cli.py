@@ -10,11 +10,46 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from common.config import RUN_DEFAULTS, STRATEGIES
+from common.config import RUN_DEFAULTS, STRATEGIES, run_config
+
+
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    """Run options shared by `simulate` and `run`: one set of flags, one set of defaults."""
+    parser.add_argument("--rounds", type=int, default=RUN_DEFAULTS["num-server-rounds"])
+    parser.add_argument("--local-epochs", type=int, default=RUN_DEFAULTS["local-epochs"])
+    parser.add_argument("--epsilon", type=float, default=RUN_DEFAULTS["target-epsilon"],
+                        help="target ε for the whole run, per site; 'inf' turns DP off (baseline)")
+    parser.add_argument("--noise-multiplier", type=float, default=RUN_DEFAULTS["noise-multiplier"],
+                        help="fixed DP-SGD noise multiplier instead of calibrating to --epsilon")
+    parser.add_argument("--delta", type=float, default=RUN_DEFAULTS["delta"])
+    parser.add_argument("--max-grad-norm", type=float, default=RUN_DEFAULTS["max-grad-norm"])
+    parser.add_argument("--strategy", choices=STRATEGIES, default=RUN_DEFAULTS["strategy"])
+    parser.add_argument("--batch-size", type=int, default=RUN_DEFAULTS["batch-size"])
+    parser.add_argument("--learning-rate", type=float, default=RUN_DEFAULTS["learning-rate"])
+    parser.add_argument("--image-size", type=int, default=RUN_DEFAULTS["image-size"])
+    parser.add_argument("--seed", type=int, default=RUN_DEFAULTS["seed"])
+    parser.add_argument("--round-timeout", type=float, default=RUN_DEFAULTS["round-timeout"], help="seconds to wait for sites per round")
+
+
+def _run_overrides(args: argparse.Namespace, min_sites: int) -> dict[str, Any]:
+    return {
+        "num-server-rounds": args.rounds, "local-epochs": args.local_epochs, "strategy": args.strategy,
+        "target-epsilon": args.epsilon, "noise-multiplier": args.noise_multiplier, "batch-size": args.batch_size,
+        "learning-rate": args.learning_rate, "image-size": args.image_size, "min-sites": min_sites,
+        "seed": args.seed, "delta": args.delta, "max-grad-norm": args.max_grad_norm, "round-timeout": args.round_timeout,
+    }
+
+
+def _describe_dp(args: argparse.Namespace) -> str:
+    if not math.isfinite(args.epsilon) and args.noise_multiplier <= 0:
+        return "off (ε = ∞ baseline)"
+    return f"noise multiplier {args.noise_multiplier}" if args.noise_multiplier > 0 else f"target ε {args.epsilon} over the run"
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from client.client_app import SiteConfig, preflight
     from simulations.federation import build_federation
     from simulations.simulate import budget_for, run_simulation, site_folders
 
@@ -24,50 +59,190 @@ def _simulate(args: argparse.Namespace) -> int:
         root = build_federation(Path(args.cache_dir), args.sites, args.seed, args.size)
         print(f"built-in federation: {root}")
         sites = site_folders(root)
-    overrides = {
-        "num-server-rounds": args.rounds, "local-epochs": args.local_epochs, "strategy": args.strategy,
-        "target-epsilon": args.epsilon, "noise-multiplier": args.noise_multiplier, "batch-size": args.batch_size,
-        "learning-rate": args.learning_rate, "image-size": args.image_size, "min-sites": min(args.min_sites or len(sites), len(sites)),
-        "seed": args.seed, "delta": args.delta, "max-grad-norm": args.max_grad_norm,
-    }
+    overrides = _run_overrides(args, min(args.min_sites or len(sites), len(sites)))
     run_dir = Path(args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S"))
     budget = budget_for(args.epsilon, args.epsilon_budget)
-    dp = "off (ε = ∞ baseline)" if not math.isfinite(args.epsilon) and args.noise_multiplier <= 0 else (
-        f"noise multiplier {args.noise_multiplier}" if args.noise_multiplier > 0 else f"target ε {args.epsilon} over the run")
+    ledger_dir = Path(args.ledger_dir or run_dir / "privacy_ledgers")
+    if args.data_root:  # foreign data: show each site's load report before spending minutes on Ray
+        for folder in sites:
+            preflight(SiteConfig(Path(folder).name, folder, str(ledger_dir), budget), run_config(overrides))
     print(f"simulating {len(sites)} sites, {args.rounds} rounds x {args.local_epochs} local epochs, {args.strategy}, "
-          f"DP {dp}, δ {args.delta}, site budget ε {budget}")
-    run_simulation(sites, run_dir, overrides, budget, Path(args.ledger_dir or run_dir / "privacy_ledgers"))
+          f"DP {_describe_dp(args)}, δ {args.delta}, site budget ε {budget}")
+    run_simulation(sites, run_dir, overrides, budget, ledger_dir)
     return 0
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from simulations.federation import build_federation
+    from simulations.simulate import site_folders
+
+    root = build_federation(Path(args.out), args.sites, args.seed, args.size)
+    print("synthetic site folders (DICOM series + DICOM-SEG), one per hospital:\n" + "\n".join(f"  {s}" for s in site_folders(root)))
+    return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from common.credentials import CredentialsExist, create_server_certificates
+    from server.superlink import ServerFolder
+
+    names = list(dict.fromkeys([*args.hostname, "localhost", "127.0.0.1"]))
+    try:
+        certs = create_server_certificates(ServerFolder(Path(args.server_dir)).certs.folder, names)
+    except CredentialsExist as err:
+        raise SystemExit(str(err)) from err
+    print(f"CA and server certificate for {', '.join(names)} in {certs.folder}\n"
+          f"  give every site {certs.ca_cert} (public); keep {certs.ca_key} and {certs.server_key} private")
+    return 0
+
+
+def _server(args: argparse.Namespace) -> int:
+    from common.processes import run_until_stopped
+    from server.superlink import ServerFolder, local_address, start_superlink
+
+    folder = ServerFolder(Path(args.server_dir))
+    if args.insecure:
+        print("WARNING: --insecure: TLS is OFF (model updates and metrics travel unencrypted) and site "
+              "authentication is OFF (any process that reaches the port can join as a site). Local tests only.", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: the SuperLink also serves Flower's Control API (register sites, start runs) on {args.host}:{args.port}; "
+              "allow only the sites' addresses to reach it (firewall/VPN).", flush=True)
+    proc = start_superlink(folder, args.host, args.port, args.insecure, args.verbose)
+    print(f"aggregation server on {args.host}:{args.port} ({'INSECURE' if args.insecure else 'TLS, site authentication on'}); "
+          f"state {folder.root / 'state.db'}; log {folder.log_file}\n"
+          f"  register a site: fedseg register {folder.root} site.pub --name SITE\n"
+          f"  start a run:     fedseg run {folder.root} --rounds N\n"
+          f"  sites reach it at {local_address(args.host, args.port)} (or this machine's name); Ctrl-C stops it", flush=True)
+    return run_until_stopped(proc)
+
+
+def _register(args: argparse.Namespace) -> int:
+    from server.control import register_site
+    from server.superlink import ServerFolder
+
+    return register_site(ServerFolder(Path(args.server_dir)), Path(args.public_key), args.name)
+
+
+def _sites(args: argparse.Namespace) -> int:
+    from server.control import list_sites
+    from server.superlink import ServerFolder
+
+    return list_sites(ServerFolder(Path(args.server_dir)))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from server.control import start_run
+    from server.superlink import ServerFolder
+
+    config = {**_run_overrides(args, args.min_sites), "run-dir": args.run_dir or ""}
+    print(f"run: {args.rounds} rounds x {args.local_epochs} local epochs, {args.strategy}, DP {_describe_dp(args)}, "
+          f"δ {args.delta}, at least {args.min_sites} sites per round", flush=True)
+    return start_run(ServerFolder(Path(args.server_dir)), config, args.verbose)
+
+
+def _site_key(args: argparse.Namespace) -> int:
+    from common.credentials import CredentialsExist, create_site_keys
+
+    try:
+        keys = create_site_keys(Path(args.site_dir), args.comment or Path(args.site_dir).resolve().name)
+    except CredentialsExist as err:
+        raise SystemExit(str(err)) from err
+    print(f"site key pair in {keys.folder}:\n  {keys.private_key} stays here (owner-only)\n"
+          f"  send {keys.public_key} to the coordinator to be registered")
+    return 0
+
+
+def _site(args: argparse.Namespace) -> int:
+    from client.client_app import SiteConfig, preflight
+    from client.privacy_ledger import LedgerError
+    from client.supernode import SiteFolder, run_site
+
+    folder = SiteFolder(Path(args.site_dir))
+    name = args.name or folder.root.resolve().name
+    site = SiteConfig(name, str(Path(args.data).resolve()), str(folder.ledger_dir.resolve()), args.epsilon_budget)
+    if args.insecure:
+        print("WARNING: --insecure: no TLS and no site authentication. Local tests only.", flush=True)
+    elif not args.ca_cert:
+        raise SystemExit("--ca-cert is required: the federation's ca.crt from the coordinator (or --insecure for a local test)")
+    try:
+        preflight(site)
+    except (ValueError, FileNotFoundError, LedgerError) as err:
+        raise SystemExit(f"site {name} cannot start: {err}") from err
+    return run_site(folder, site, args.server, None if args.insecure else Path(args.ca_cert), args.runtime_port, args.threads, args.verbose)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedseg", description="Federated, differentially private medical image segmentation.")
     parser.add_argument("--verbose", action="store_true", help="show Flower's own log")
     sub = parser.add_subparsers(dest="command", required=True)
-    sim = sub.add_parser("simulate", help="run N sites and the server locally on Flower's simulation engine")
+
+    sim = sub.add_parser("simulate", help="researcher: run N sites and the server locally on Flower's simulation engine")
     sim.add_argument("--sites", type=int, default=3, help="number of built-in synthetic sites (default 3)")
     sim.add_argument("--data-root", help="use existing site folders (each subfolder one site) instead of built-in data")
-    sim.add_argument("--rounds", type=int, default=RUN_DEFAULTS["num-server-rounds"])
-    sim.add_argument("--local-epochs", type=int, default=RUN_DEFAULTS["local-epochs"])
-    sim.add_argument("--epsilon", type=float, default=RUN_DEFAULTS["target-epsilon"],
-                     help="target ε for the whole run, per site; 'inf' turns DP off (baseline)")
-    sim.add_argument("--noise-multiplier", type=float, default=RUN_DEFAULTS["noise-multiplier"],
-                     help="fixed DP-SGD noise multiplier instead of calibrating to --epsilon")
+    _run_options(sim)
     sim.add_argument("--epsilon-budget", type=float, default=None, help="each site's ε budget (default: --epsilon)")
-    sim.add_argument("--delta", type=float, default=RUN_DEFAULTS["delta"])
-    sim.add_argument("--max-grad-norm", type=float, default=RUN_DEFAULTS["max-grad-norm"])
-    sim.add_argument("--strategy", choices=STRATEGIES, default=RUN_DEFAULTS["strategy"])
-    sim.add_argument("--batch-size", type=int, default=RUN_DEFAULTS["batch-size"])
-    sim.add_argument("--learning-rate", type=float, default=RUN_DEFAULTS["learning-rate"])
-    sim.add_argument("--image-size", type=int, default=RUN_DEFAULTS["image-size"])
     sim.add_argument("--min-sites", type=int, default=None, help="sites needed per round (default: all)")
-    sim.add_argument("--seed", type=int, default=RUN_DEFAULTS["seed"])
     sim.add_argument("--size", choices=("default", "tiny"), default="default", help="built-in federation size")
     sim.add_argument("--out", help="run folder (default runs/simulate-<time>)")
     sim.add_argument("--ledger-dir", help="privacy ledgers (default RUN_DIR/privacy_ledgers)")
     sim.add_argument("--cache-dir", default=os.environ.get("FEDSEG_CACHE", str(Path.home() / ".cache" / "fedseg")),
                      help="where the built-in federation is generated once")
     sim.set_defaults(func=_simulate)
+
+    demo = sub.add_parser("demo-data", help="researcher: write the built-in synthetic hospitals' DICOM folders")
+    demo.add_argument("out", help="folder to write them under")
+    demo.add_argument("--sites", type=int, default=3)
+    demo.add_argument("--size", choices=("default", "tiny"), default="default")
+    demo.add_argument("--seed", type=int, default=RUN_DEFAULTS["seed"])
+    demo.set_defaults(func=_demo_data)
+
+    certs = sub.add_parser("certs", help="coordinator: create the federation's CA and the server's TLS certificate")
+    certs.add_argument("server_dir", help="server folder (certificates go to SERVER_DIR/certs)")
+    certs.add_argument("--hostname", action="append", default=[],
+                       help="name or IP the sites dial (repeatable); localhost and 127.0.0.1 are always included")
+    certs.set_defaults(func=_certs)
+
+    server = sub.add_parser("server", help="coordinator: start the aggregation server (Flower SuperLink)")
+    server.add_argument("server_dir", help="server folder: certs/, state.db, runs/, logs/")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--insecure", action="store_true", help="no TLS, no site authentication: local tests only")
+    server.set_defaults(func=_server)
+
+    register = sub.add_parser("register", help="coordinator: allow a site to join (registers its public key)")
+    register.add_argument("server_dir")
+    register.add_argument("public_key", help="the site's site.pub")
+    register.add_argument("--name", required=True, help="the site's name")
+    register.set_defaults(func=_register)
+
+    sites = sub.add_parser("sites", help="coordinator: list registered sites and whether they are online")
+    sites.add_argument("server_dir")
+    sites.set_defaults(func=_sites)
+
+    run = sub.add_parser("run", help="coordinator: start a training run on the server and follow it")
+    run.add_argument("server_dir")
+    _run_options(run)
+    run.add_argument("--min-sites", type=int, default=RUN_DEFAULTS["min-sites"], help="sites needed per round")
+    run.add_argument("--run-dir", help="run folder, relative to the server folder (default runs/<time>)")
+    run.set_defaults(func=_run)
+
+    key = sub.add_parser("site-key", help="hospital IT: create this site's key pair (send site.pub to the coordinator)")
+    key.add_argument("site_dir", help="site folder (site.key, site.pub)")
+    key.add_argument("--comment", help="label in site.pub (default: the folder name)")
+    key.set_defaults(func=_site_key)
+
+    site = sub.add_parser("site", help="hospital IT: check this site's data, then connect to the server and train")
+    site.add_argument("site_dir", help="site folder: site.key, privacy_ledger/, logs/")
+    site.add_argument("--data", required=True, help="the site's DICOM (+ DICOM-SEG / NIfTI masks) folder")
+    site.add_argument("--server", required=True, help="the aggregation server, HOST:PORT")
+    site.add_argument("--ca-cert", help="the federation's ca.crt, from the coordinator")
+    site.add_argument("--name", help="site name (default: the site folder's name)")
+    site.add_argument("--epsilon-budget", type=float, default=RUN_DEFAULTS["target-epsilon"],
+                      help="the most ε this site will ever spend on this data, over all runs")
+    site.add_argument("--runtime-port", type=int, default=0, help="local port for the SuperNode's app runtime (default: a free one)")
+    site.add_argument("--threads", type=int, default=0,
+                      help="CPU threads for training (default: all cores; use 1 when several sites share one machine)")
+    site.add_argument("--insecure", action="store_true", help="no TLS, no authentication: local tests only")
+    site.set_defaults(func=_site)
     return parser
 
 

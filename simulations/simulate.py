@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from common.flower_env import flower_env
+
 
 def site_folders(data_root: Path) -> list[str]:
     """Each non-hidden subfolder of the data root is one site, as a hospital would lay it out."""
@@ -18,15 +20,6 @@ def site_folders(data_root: Path) -> list[str]:
     if len(sites) < 1:
         raise SystemExit(f"--data-root {data_root} has no site subfolders")
     return sites
-
-
-def flower_environment(run_dir: Path) -> None:
-    """Keep Flower's state inside the run folder, offline and quiet."""
-    os.environ.setdefault("FLWR_HOME", str(run_dir / ".flwr"))
-    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
-    os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-    os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 def run_simulation(sites: list[str], run_dir: Path, overrides: dict[str, Any], epsilon_budget: float,
@@ -38,7 +31,8 @@ def run_simulation(sites: list[str], run_dir: Path, overrides: dict[str, Any], e
     from server.server_app import build_server_app
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    flower_environment(run_dir)
+    os.environ.update(flower_env(run_dir / ".flwr"))  # Flower's state inside the run folder
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     gpus = 1.0 / len(sites) if torch.cuda.is_available() else 0.0
     backend = {"client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus},
                "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}

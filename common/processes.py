@@ -1,0 +1,136 @@
+"""Flower's daemons (SuperLink, SuperNode) and CLI run as child processes of `fedseg`.
+
+Everything a child prints goes to its log file; the console gets the lines a person wants to read
+(not the per-poll HTTP access lines), or everything with --verbose. On SIGINT/SIGTERM the child is
+stopped (SIGTERM, then SIGKILL after a grace period) so no daemon outlives the command that started it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+# Flower's INFO chatter and uvicorn's per-request access log: kept in the log file only.
+_NOISE = re.compile(r"( INFO \[uvicorn|uvicorn\.access|^INFO:\s|^\x1b\[92mINFO \x1b\[0m:|^\s*$|^\d\d/\d\d/\d{4} [\d:]+:INFO:\s*$)")
+
+
+class FlowerProcess:
+    """One child process whose output is logged in full and shown filtered."""
+
+    def __init__(self, command: Sequence[str], env: dict[str, str], cwd: Path, log_file: Path | None,
+                 verbose: bool = False, console: bool = True) -> None:
+        self.command = list(command)
+        self.log_file = log_file
+        self.verbose = verbose
+        self.console = console
+        self.tail: deque[str] = deque(maxlen=40)
+        if log_file is not None:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(self.command, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)
+        self._pump = threading.Thread(target=self._copy_output, daemon=True)
+        self._pump.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _copy_output(self) -> None:
+        log = self.log_file.open("a", encoding="utf-8") if self.log_file else None
+        try:
+            for line in self.proc.stdout:  # type: ignore[union-attr]
+                self.tail.append(line.rstrip("\n"))
+                if log:
+                    log.write(line)
+                    log.flush()
+                if self.console and (self.verbose or not _NOISE.search(line)):
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+        finally:
+            if log:
+                log.close()
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait(self) -> int:
+        code = self.proc.wait()
+        self._pump.join(timeout=5)
+        return code
+
+    def stop(self, grace: float = 15.0) -> int:
+        """SIGTERM, wait up to `grace` seconds, then SIGKILL; returns the exit code."""
+        if self.running():
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.wait()
+
+    def output_tail(self, lines: int = 40) -> str:
+        return "\n".join(list(self.tail)[-lines:])
+
+
+def flower_executable(name: str) -> str:
+    """Flower's console script from the environment fedseg runs in, not whatever PATH finds first."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if not found:
+        raise SystemExit(f"{name} not found: is flwr installed in this environment ({sys.executable})?")
+    return found
+
+
+def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_port(proc: FlowerProcess, host: str, port: int, timeout: float = 60.0) -> bool:
+    """True once `host:port` accepts connections; False if the process died or time ran out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.running():
+            return False
+        if port_open(host, port):
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def run_until_stopped(proc: FlowerProcess) -> int:
+    """Block until the child exits or we are told to stop (Ctrl-C, SIGTERM); then stop the child."""
+    stopping = threading.Event()
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        stopping.set()
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while proc.running() and not stopping.is_set():
+            stopping.wait(0.5)
+        if stopping.is_set():
+            print("stopping ...", flush=True)
+        return proc.stop()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

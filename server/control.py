@@ -1,0 +1,104 @@
+"""The coordinator's side of a running server, through Flower's own CLI (`flwr`) and the connection
+`fedseg server` wrote: register a site's public key, list sites, start a training run and follow it."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from common.processes import FlowerProcess, flower_executable, port_open, run_until_stopped
+from server.superlink import CONNECTION, ServerFolder
+
+APP_DIR = Path(__file__).resolve().parents[1]
+
+
+def _connection(folder: ServerFolder) -> str:
+    """The server's address, after checking that `fedseg server` set it up and that it answers."""
+    if not folder.connection_file.is_file():
+        raise SystemExit(f"{folder.root} is not a server folder (no {folder.connection_file}): start the server "
+                         f"first with: fedseg server {folder.root}")
+    text = folder.connection_file.read_text()
+    address = re.search(r'address = "([^"]+)"', text)
+    host, _, port = (address.group(1) if address else "").rpartition(":")
+    if not port_open(host.strip("[]"), int(port or 0)):
+        raise SystemExit(f"no server answers at {host}:{port}: is `fedseg server {folder.root}` running?")
+    return f"{host}:{port}"
+
+
+def flwr(folder: ServerFolder, args: list[str], verbose: bool = False, log_file: Path | None = None, console: bool = True) -> FlowerProcess:
+    return FlowerProcess([flower_executable("flwr"), *args], folder.env(), folder.root, log_file, verbose, console)
+
+
+def _flwr_json(folder: ServerFolder, args: list[str]) -> dict[str, Any]:
+    proc = flwr(folder, [*args, "--format", "json"], console=False)
+    code, out = proc.wait(), proc.output_tail(10_000)
+    start = out.find("{")
+    reply = json.loads(out[start:]) if start >= 0 else {}
+    if code != 0 or not reply.get("success"):
+        raise SystemExit(f"flwr {args[0]} {args[1]} failed: {reply.get('error-message') or out.strip()}")
+    return reply
+
+
+def _site_names(folder: ServerFolder) -> dict[str, str]:
+    """Flower keeps node ids only; the names the coordinator gave live beside the state database."""
+    path = folder.root / "sites.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def register_site(folder: ServerFolder, public_key: Path, name: str) -> int:
+    """Register a site's public key: only SuperNodes holding a registered key may join."""
+    _connection(folder)
+    if not public_key.is_file():
+        raise SystemExit(f"public key {public_key} not found: the site creates it with `fedseg site-key` (site.pub)")
+    node_id = str(_flwr_json(folder, ["supernode", "register", str(public_key.resolve()), CONNECTION, "--name", name])["node-id"])
+    names = {**_site_names(folder), node_id: name}
+    (folder.root / "sites.json").write_text(json.dumps(names, indent=1))
+    print(f"registered site {name} (node {node_id}); it can now connect with its site.key", flush=True)
+    return 0
+
+
+def list_sites(folder: ServerFolder) -> int:
+    _connection(folder)
+    names = _site_names(folder)
+    nodes = _flwr_json(folder, ["supernode", "list", CONNECTION])["nodes"]
+    print(f"{'site':<20} {'node id':<22} {'status':<12} online since")
+    for node in nodes:
+        print(f"{names.get(node['node-id'], '?'):<20} {node['node-id']:<22} {node['status']:<12} {node['online-at']}")
+    return 0
+
+
+def app_dir() -> Path:
+    """The Flower app (pyproject.toml + code) that `flwr run` bundles and sends to server and sites."""
+    if not (APP_DIR / "pyproject.toml").is_file():
+        raise SystemExit(f"fedseg run needs the fedseg source folder (with pyproject.toml), not found at {APP_DIR}; "
+                         "install fedseg with `pip install -e <checkout>`")
+    return APP_DIR
+
+
+def start_run(folder: ServerFolder, run_config: dict[str, Any], verbose: bool = False) -> int:
+    """Start a run with `run_config`, then follow its log until it ends.
+
+    The requested config is kept under logs/ beside the followed log. Interrupting only stops
+    following: the run goes on at the server."""
+    address = _connection(folder)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_config = {"run-dir": f"runs/{stamp}", **{k: v for k, v in run_config.items() if v != ""}}
+    request = folder.root / "logs" / f"run-{stamp}.toml"
+    request.parent.mkdir(parents=True, exist_ok=True)
+    request.write_text(tomli_w.dumps(run_config))
+    run_id = str(_flwr_json(folder, ["run", str(app_dir()), CONNECTION, "--run-config", str(request.resolve())])["run-id"])
+    run_dir = folder.root / run_config["run-dir"]
+    print(f"run {run_id} started on {address}; run folder {run_dir}; config {request}", flush=True)
+    follow = flwr(folder, ["log", run_id, CONNECTION, "--stream"], verbose, folder.root / "logs" / f"run-{stamp}.log")
+    code = run_until_stopped(follow)
+    if not (run_dir / "summary.md").is_file() or code != 0:
+        print(f"stopped following run {run_id} before it finished. Follow it again or stop it with:\n"
+              f"  FLWR_HOME={folder.flwr_home} flwr log {run_id} {CONNECTION} --stream\n"
+              f"  FLWR_HOME={folder.flwr_home} flwr stop {run_id} {CONNECTION}")
+        return code or 1
+    return 0

@@ -82,14 +82,11 @@ def _demo_data(args: argparse.Namespace) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from common.credentials import CredentialsExist, create_server_certificates
+    from common.credentials import create_server_certificates
     from server.superlink import ServerFolder
 
     names = list(dict.fromkeys([*args.hostname, "localhost", "127.0.0.1"]))
-    try:
-        certs = create_server_certificates(ServerFolder(Path(args.server_dir)).certs.folder, names)
-    except CredentialsExist as err:
-        raise SystemExit(str(err)) from err
+    certs = create_server_certificates(ServerFolder(Path(args.server_dir)).certs.folder, names)
     print(f"CA and server certificate for {', '.join(names)} in {certs.folder}\n"
           f"  give every site {certs.ca_cert} (public); keep {certs.ca_key} and {certs.server_key} private")
     return 0
@@ -140,12 +137,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _site_key(args: argparse.Namespace) -> int:
-    from common.credentials import CredentialsExist, create_site_keys
+    from common.credentials import create_site_keys
 
-    try:
-        keys = create_site_keys(Path(args.site_dir), args.comment or Path(args.site_dir).resolve().name)
-    except CredentialsExist as err:
-        raise SystemExit(str(err)) from err
+    keys = create_site_keys(Path(args.site_dir), args.comment or Path(args.site_dir).resolve().name)
     print(f"site key pair in {keys.folder}:\n  {keys.private_key} stays here (owner-only)\n"
           f"  send {keys.public_key} to the coordinator to be registered")
     return 0
@@ -261,7 +255,10 @@ def configure_logging(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except FileExistsError as err:  # e.g. a refusal to overwrite a key: a message, not a traceback
+        raise SystemExit(str(err)) from err
 
 
 if __name__ == "__main__":

@@ -96,9 +96,14 @@ def start_run(folder: ServerFolder, run_config: dict[str, Any], verbose: bool = 
     print(f"run {run_id} started on {address}; run folder {run_dir}; config {request}", flush=True)
     follow = flwr(folder, ["log", run_id, CONNECTION, "--stream"], verbose, folder.root / "logs" / f"run-{stamp}.log")
     code = run_until_stopped(follow)
-    if not (run_dir / "summary.md").is_file() or code != 0:
-        print(f"stopped following run {run_id} before it finished. Follow it again or stop it with:\n"
+    status = _flwr_json(folder, ["ls", CONNECTION, "--run-id", run_id])["runs"][0]
+    if not status["status"].startswith("finished"):
+        print(f"stopped following run {run_id} ({status['status']}); it goes on at the server. Follow it again or stop it with:\n"
               f"  FLWR_HOME={folder.flwr_home} flwr log {run_id} {CONNECTION} --stream\n"
               f"  FLWR_HOME={folder.flwr_home} flwr stop {run_id} {CONNECTION}")
         return code or 1
-    return 0
+    traffic, compute = status["network-traffic"], status["compute-time"]
+    print(f"run {run_id} {status['status']} {status['status-details']}: {status['elapsed']} wall, "
+          f"{traffic['total-bytes'] / 1e6:.1f} MB exchanged, ClientApp compute {compute['clientapp-seconds']:.0f} s "
+          f"(all sites), ServerApp {compute['serverapp-seconds']:.0f} s", flush=True)
+    return 0 if status["status"].endswith("completed") and (run_dir / "summary.md").is_file() else 1

@@ -103,7 +103,8 @@ def start_run(folder: ServerFolder, run_config: dict[str, Any], verbose: bool = 
               f"  FLWR_HOME={folder.flwr_home} flwr stop {run_id} {CONNECTION}")
         return code or 1
     traffic, compute = status["network-traffic"], status["compute-time"]
-    print(f"run {run_id} {status['status']} {status['status-details']}: {status['elapsed']} wall, "
+    details = "" if status["status-details"] in ("", "N/A") else f" ({status['status-details']})"
+    print(f"run {run_id} {status['status']}{details}: {float(status['elapsed']):.0f} s wall, "
           f"{traffic['total-bytes'] / 1e6:.1f} MB exchanged, ClientApp compute {compute['clientapp-seconds']:.0f} s "
           f"(all sites), ServerApp {compute['serverapp-seconds']:.0f} s", flush=True)
     return 0 if status["status"].endswith("completed") and (run_dir / "summary.md").is_file() else 1

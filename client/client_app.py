@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,11 @@ from common.dataset import SiteData, load_site
 from common.model import build_model, pick_device
 from common.parameters import load_arrays, to_arrays
 
+SITE_LOG_LEVEL = "FEDSEG_SITE_LOG_LEVEL"
 log = logging.getLogger("fedseg.site")
-log.setLevel(logging.INFO)  # a deployed site's round lines reach its console through the SuperNode
+# `fedseg site` asks for each round's line on the hospital's console (via its SuperNode); a simulation
+# already prints the same numbers from the server side.
+log.setLevel(os.environ.get(SITE_LOG_LEVEL, "WARNING"))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import tomli_w
 
-from client.client_app import SiteConfig
+from client.client_app import SITE_LOG_LEVEL, SiteConfig
 from common.credentials import SiteKeys
 from common.flower_env import flower_env
 from common.processes import FlowerProcess, flower_executable, free_port, run_until_stopped
@@ -95,6 +95,7 @@ def run_site(folder: SiteFolder, site: SiteConfig, server: str, ca_cert: Path | 
     write_node_config(folder, site)
     env = flower_env(folder.root / ".flwr")
     env["FLWR_HOME"] = str((folder.root / ".flwr").resolve())
+    env[SITE_LOG_LEVEL] = "INFO"
     if threads > 0:  # each round's ClientApp is a fresh process: torch reads this at its start
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     proc = FlowerProcess(supernode_command(folder, server, ca_cert, runtime_port or free_port()), env, folder.root,

@@ -73,9 +73,10 @@ def _reply(msg: Message, site: SiteConfig, status: str, metrics: dict[str, float
     return Message(content=content, reply_to=msg)
 
 
-def build_client_app(site_for: Any = SiteConfig.from_node_config) -> ClientApp:
-    """A ClientApp whose site settings come from `site_for(context.node_config)`."""
-    app = ClientApp()
+def build_client_app(site_for: Any = SiteConfig.from_node_config, mods: list | None = None) -> ClientApp:
+    """A ClientApp whose site settings come from `site_for(context.node_config)`; `mods` are Flower
+    ClientApp mods (a simulation's fault injection)."""
+    app = ClientApp(mods=mods)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -88,7 +89,8 @@ def build_client_app(site_for: Any = SiteConfig.from_node_config) -> ClientApp:
         load_arrays(model, msg.content["arrays"])
         metrics = {"num-examples": 0, "train-loss": math.nan, "epsilon": ledger.epsilon(settings.delta), "steps": 0, "noise-multiplier": 0.0}
         try:
-            result = train_round(model, data, settings, ledger, site.epsilon_budget, pick_device(), str(context.run_id))
+            with ledger.locked():
+                result = train_round(model, data, settings, ledger, site.epsilon_budget, pick_device(), str(context.run_id))
         except BudgetExhausted as refusal:
             log.warning("%s: %s", site.name, refusal)
             return _reply(msg, site, "budget_exhausted", metrics, reason=str(refusal))

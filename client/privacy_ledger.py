@@ -3,16 +3,21 @@
 A ClientApp is re-created each round and runs end, but DP guarantees compose over every release from
 the same data. The ledger stores Opacus' RDP accountant history (noise multiplier, sample rate,
 steps) in a JSON file keyed by the dataset's fingerprint, written atomically after each round.
-Training without DP marks the dataset as unbounded (ε = ∞) for good.
+Training without DP marks the dataset as unbounded (ε = ∞) for good. A round holds an exclusive
+lock on the ledger from its budget check to its write, so two runs training on the same data at
+once cannot both spend the same remaining budget.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from opacus.accountants import RDPAccountant
@@ -33,6 +38,19 @@ class PrivacyLedger:
         self.rounds: list[dict] = []
         if self.path.exists():
             self._load()
+
+    @contextmanager
+    def locked(self) -> Iterator[PrivacyLedger]:
+        """Exclusive use of the ledger across processes, re-read from disk once the lock is held."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if self.path.exists():
+                    self._load()
+                yield self
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _load(self) -> None:
         try:

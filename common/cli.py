@@ -4,6 +4,7 @@ installation never needs the simulation engine and `fedseg --help` is instant.""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -17,7 +18,7 @@ from common.config import RUN_DEFAULTS, STRATEGIES, run_config
 
 def _run_options(parser: argparse.ArgumentParser) -> None:
     """Run options shared by `simulate` and `run`: one set of flags, one set of defaults."""
-    parser.add_argument("--rounds", type=int, default=RUN_DEFAULTS["num-server-rounds"])
+    parser.add_argument("--rounds", type=int, help=f"federated rounds (default {RUN_DEFAULTS['num-server-rounds']})")
     parser.add_argument("--local-epochs", type=int, default=RUN_DEFAULTS["local-epochs"])
     parser.add_argument("--epsilon", type=float, default=RUN_DEFAULTS["target-epsilon"],
                         help="target ε for the whole run, per site; 'inf' turns DP off (baseline)")
@@ -30,45 +31,79 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning-rate", type=float, default=RUN_DEFAULTS["learning-rate"])
     parser.add_argument("--image-size", type=int, default=RUN_DEFAULTS["image-size"])
     parser.add_argument("--seed", type=int, default=RUN_DEFAULTS["seed"])
-    parser.add_argument("--round-timeout", type=float, default=RUN_DEFAULTS["round-timeout"], help="seconds to wait for sites per round")
+    parser.add_argument("--round-timeout", type=float, help="seconds to wait for sites' replies (and for enough sites to be "
+                        f"online) per round (default {RUN_DEFAULTS['round-timeout']:g})")
+    parser.add_argument("--round-retries", type=int, help="times a round is retried when fewer than --min-sites usable "
+                        f"updates came back (default {RUN_DEFAULTS['round-retries']})")
+    parser.add_argument("--max-update-norm-ratio", type=float, default=RUN_DEFAULTS["max-update-norm-ratio"],
+                        help="reject an update whose norm exceeds this many times the other sites' median (0: off)")
+    parser.add_argument("--trim-fraction", type=float, default=RUN_DEFAULTS["trim-fraction"], help="fedtrimmedavg: fraction cut at each end")
+    parser.add_argument("--byzantine-sites", type=int, default=RUN_DEFAULTS["byzantine-sites"], help="krum: sites assumed malicious")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue an interrupted run from its last completed round (its own settings; "
+                             "--rounds, --round-timeout, --round-retries and --min-sites may change)")
 
 
-def _run_overrides(args: argparse.Namespace, min_sites: int) -> dict[str, Any]:
-    return {
-        "num-server-rounds": args.rounds, "local-epochs": args.local_epochs, "strategy": args.strategy,
-        "target-epsilon": args.epsilon, "noise-multiplier": args.noise_multiplier, "batch-size": args.batch_size,
-        "learning-rate": args.learning_rate, "image-size": args.image_size, "min-sites": min_sites,
-        "seed": args.seed, "delta": args.delta, "max-grad-norm": args.max_grad_norm, "round-timeout": args.round_timeout,
+def _run_overrides(args: argparse.Namespace, min_sites: int | None, run_dir: Path | None = None) -> dict[str, Any]:
+    """The run config from the options. With --resume, the interrupted run's own config (from its
+    history.json in `run_dir`), changed only by the resumable options given here."""
+    resumable = {"num-server-rounds": args.rounds, "round-timeout": args.round_timeout, "round-retries": args.round_retries,
+                 "min-sites": min_sites}
+    if args.resume:
+        try:
+            saved = json.loads((run_dir / "history.json").read_text())["config"]
+        except (OSError, ValueError, KeyError) as err:
+            raise SystemExit(f"cannot resume {run_dir}: no readable history.json there ({err})") from err
+        return {**saved, **{k: v for k, v in resumable.items() if v is not None}, "resume": True}
+    chosen = {
+        **{k: RUN_DEFAULTS[k] if v is None else v for k, v in resumable.items()},
+        "local-epochs": args.local_epochs, "strategy": args.strategy, "target-epsilon": args.epsilon,
+        "noise-multiplier": args.noise_multiplier, "batch-size": args.batch_size, "learning-rate": args.learning_rate,
+        "image-size": args.image_size, "seed": args.seed, "delta": args.delta, "max-grad-norm": args.max_grad_norm,
+        "max-update-norm-ratio": args.max_update_norm_ratio, "trim-fraction": args.trim_fraction,
+        "byzantine-sites": args.byzantine_sites,
     }
+    return chosen
 
 
-def _describe_dp(args: argparse.Namespace) -> str:
-    if not math.isfinite(args.epsilon) and args.noise_multiplier <= 0:
-        return "off (ε = ∞ baseline)"
-    return f"noise multiplier {args.noise_multiplier}" if args.noise_multiplier > 0 else f"target ε {args.epsilon} over the run"
+def _describe(config: dict[str, Any]) -> str:
+    eps, sigma = float(config["target-epsilon"]), float(config["noise-multiplier"])
+    dp = ("off (ε = ∞ baseline)" if not math.isfinite(eps) and sigma <= 0
+          else f"noise multiplier {sigma}" if sigma > 0 else f"target ε {eps:g} over the run")
+    return (f"{config['num-server-rounds']} rounds x {config['local-epochs']} local epochs, {config['strategy']}, DP {dp}, "
+            f"δ {config['delta']:g}, at least {config['min-sites']} sites per round")
 
 
 def _simulate(args: argparse.Namespace) -> int:
     from client.client_app import SiteConfig, preflight
+    from simulations.faults import parse_faults
     from simulations.federation import build_federation
     from simulations.simulate import budget_for, run_simulation, site_folders
 
+    try:
+        faults = parse_faults(args.fault)
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
     if args.data_root:
         sites = site_folders(Path(args.data_root))
     else:
         root = build_federation(Path(args.cache_dir), args.sites, args.seed, args.size)
         print(f"built-in federation: {root}")
         sites = site_folders(root)
-    overrides = _run_overrides(args, min(args.min_sites or len(sites), len(sites)))
-    run_dir = Path(args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S"))
-    budget = budget_for(args.epsilon, args.epsilon_budget)
+    run_dir = Path(args.resume or args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S"))
+    min_sites = min(args.min_sites, len(sites)) if args.min_sites else (None if args.resume else len(sites))
+    overrides = _run_overrides(args, min_sites, run_dir)
+    budget = budget_for(float(overrides["target-epsilon"]), args.epsilon_budget)
     ledger_dir = Path(args.ledger_dir or run_dir / "privacy_ledgers")
     if args.data_root:  # foreign data: show each site's load report before spending minutes on Ray
         for folder in sites:
             preflight(SiteConfig(Path(folder).name, folder, str(ledger_dir), budget), run_config(overrides))
-    print(f"simulating {len(sites)} sites, {args.rounds} rounds x {args.local_epochs} local epochs, {args.strategy}, "
-          f"DP {_describe_dp(args)}, δ {args.delta}, site budget ε {budget}")
-    run_simulation(sites, run_dir, overrides, budget, ledger_dir)
+    print(f"{'resuming ' + str(run_dir) if args.resume else 'simulating'}: {len(sites)} sites, {_describe(overrides)}, site budget ε {budget}")
+    for index, kinds in sorted(faults.items()):
+        if index >= len(sites):
+            raise SystemExit(f"--fault names site {index + 1}, but there are {len(sites)} sites")
+        print(f"fault injection: {Path(sites[index]).name} sends {', '.join(kinds)} (one per round, in turn)")
+    run_simulation(sites, run_dir, overrides, budget, ledger_dir, faults)
     return 0
 
 
@@ -130,10 +165,11 @@ def _run(args: argparse.Namespace) -> int:
     from server.control import start_run
     from server.superlink import ServerFolder
 
-    config = {**_run_overrides(args, args.min_sites), "run-dir": args.run_dir or ""}
-    print(f"run: {args.rounds} rounds x {args.local_epochs} local epochs, {args.strategy}, DP {_describe_dp(args)}, "
-          f"δ {args.delta}, at least {args.min_sites} sites per round", flush=True)
-    return start_run(ServerFolder(Path(args.server_dir)), config, args.verbose)
+    folder = ServerFolder(Path(args.server_dir))
+    run_dir = args.resume or args.run_dir or ""
+    config = {**_run_overrides(args, args.min_sites, folder.root / run_dir), "run-dir": run_dir}
+    print(f"{'resuming ' + run_dir if args.resume else 'run'}: {_describe(config)}", flush=True)
+    return start_run(folder, config, args.verbose)
 
 
 def _site_key(args: argparse.Namespace) -> int:
@@ -176,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--epsilon-budget", type=float, default=None, help="each site's ε budget (default: --epsilon)")
     sim.add_argument("--min-sites", type=int, default=None, help="sites needed per round (default: all)")
     sim.add_argument("--size", choices=("default", "tiny"), default="default", help="built-in federation size")
+    sim.add_argument("--fault", action="append", default=[], metavar="SITE:KIND[,KIND...]",
+                     help="make site number SITE faulty, one KIND per round in turn: crash, nan, shape, scale (100x update)")
     sim.add_argument("--out", help="run folder (default runs/simulate-<time>)")
     sim.add_argument("--ledger-dir", help="privacy ledgers (default RUN_DIR/privacy_ledgers)")
     sim.add_argument("--cache-dir", default=os.environ.get("FEDSEG_CACHE", str(Path.home() / ".cache" / "fedseg")),
@@ -215,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="coordinator: start a training run on the server and follow it")
     run.add_argument("server_dir")
     _run_options(run)
-    run.add_argument("--min-sites", type=int, default=RUN_DEFAULTS["min-sites"], help="sites needed per round")
+    run.add_argument("--min-sites", type=int, help=f"sites needed per round (default {RUN_DEFAULTS['min-sites']})")
     run.add_argument("--run-dir", help="run folder, relative to the server folder (default runs/<time>)")
     run.set_defaults(func=_run)
 

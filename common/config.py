@@ -31,10 +31,17 @@ RUN_DEFAULTS: dict[str, Any] = {
     "val-fraction": 0.25,
     "seed": 0,
     "round-timeout": 3600.0,
+    "round-retries": 2,
+    "max-update-norm-ratio": 10.0,
+    "trim-fraction": 0.2,
+    "byzantine-sites": 0,
     "run-dir": "",
+    "resume": False,
 }
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+# What a resumed run may change; everything else comes from the interrupted run's own record.
+RESUMABLE = ("num-server-rounds", "round-timeout", "round-retries", "min-sites", "run-dir", "resume")
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,12 @@ def run_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     for key, value in (overrides or {}).items():
         if key not in RUN_DEFAULTS:
             raise KeyError(f"unknown run config key {key!r}; known keys: {sorted(RUN_DEFAULTS)}")
-        merged[key] = type(RUN_DEFAULTS[key])(value)
+        kind = type(RUN_DEFAULTS[key])
+        if kind is bool and isinstance(value, str):  # bool("false") is True
+            if value.lower() not in ("true", "false"):
+                raise ValueError(f"{key} must be true or false, got {value!r}")
+            value = value.lower() == "true"
+        merged[key] = kind(value)
     if merged["strategy"] not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {merged['strategy']!r}")
     return merged

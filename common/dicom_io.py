@@ -4,6 +4,9 @@ A site folder may be nested any way a PACS export or a viewer wrote it; files ar
 grouped by SeriesInstanceUID and ordered along the slice normal (file names and InstanceNumber are
 not trusted). Labels are DICOM-SEG objects matched to their series through their references, or NIfTI
 masks listed in a `masks.csv` manifest (columns `series_instance_uid,mask`, paths relative to it).
+
+Real archives hold broken and foreign files next to good ones: every file or series that cannot be
+used is named in the load report with the reason, and the rest still loads.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, SegmentationStorage
+from pydicom.pixels import apply_modality_lut, get_decoder
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, SegmentationStorage
 
 MASK_MANIFEST = "masks.csv"
 
@@ -38,6 +41,9 @@ class Series:
     origin: np.ndarray  # ImagePositionPatient of the first slice
     orientation: np.ndarray  # 6 direction cosines (row direction, column direction)
     normal: np.ndarray
+
+
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -61,7 +67,8 @@ class LoadReport:
     def format(self) -> str:
         lines = [f"Load report for {self.folder}: {len(self.used)} labelled series used, {len(self.skipped)} skipped"]
         for u in self.used:
-            lines.append(f"  used     patient={u['patient_id']} series={u['series_uid']} slices={u['slices']} label={u['label_source']}")
+            notes = "".join(f"; {n}" for n in u.get("notes", []))
+            lines.append(f"  used     patient={u['patient_id']} series={u['series_uid']} slices={u['slices']} label={u['label_source']}{notes}")
         for s in self.skipped:
             lines.append(f"  skipped  {s['path']}: {s['reason']}")
         return "\n".join(lines)
@@ -82,6 +89,25 @@ def read_dicom(path: Path, stop_before_pixels: bool = False) -> pydicom.Dataset:
     return ds
 
 
+def _problem(err: Exception) -> str:
+    """An exception as one short report line."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
+
+
+def _not_an_image(ds: pydicom.Dataset) -> str | None:
+    """Why this object is not a greyscale cross-sectional image we can train on, or None."""
+    sop_class = UID(str(ds.get("SOPClassUID", "")))
+    kind = f"{sop_class.name or sop_class} (Modality {ds.get('Modality', '?')})"
+    if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "Rows" not in ds:
+        return f"not a cross-sectional image: {kind}"
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")) not in ("MONOCHROME1", "MONOCHROME2"):
+        return f"colour image ({ds.PhotometricInterpretation}), {kind}: segmentation needs greyscale CT/MR"
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        return f"multi-frame/enhanced object ({ds.NumberOfFrames} frames), {kind}: not supported; export the series as single-frame images"
+    return None
+
+
 def _scan_headers(folder: Path, report: LoadReport) -> tuple[dict[str, list[tuple[Path, pydicom.Dataset]]], list[tuple[Path, pydicom.Dataset]]]:
     """Read every file's header once; split images (by series) from SEGs, name everything else."""
     images: dict[str, list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)
@@ -90,19 +116,18 @@ def _scan_headers(folder: Path, report: LoadReport) -> tuple[dict[str, list[tupl
         if path.name == MASK_MANIFEST or path.suffix in {".nii", ".gz", ".json", ".csv", ".txt", ".md"}:
             continue
         try:
-            ds = read_dicom(path, stop_before_pixels=True)
-        except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError) as err:
-            report.skip(path, f"not a readable DICOM file ({type(err).__name__})")
+            ds = read_dicom(path, stop_before_pixels=True)  # pixels are read per series, not all at once
+            reason = None if str(ds.get("SOPClassUID", "")) == SegmentationStorage else _not_an_image(ds)
+            series_uid = str(ds.SeriesInstanceUID)
+        except Exception as err:  # any file may be broken in any way; it is named, never fatal
+            report.skip(path, f"not a readable DICOM file ({_problem(err)})")
             continue
-        sop_class = str(ds.get("SOPClassUID", ""))
-        if sop_class == SegmentationStorage:
+        if reason:
+            report.skip(path, reason)
+        elif str(ds.SOPClassUID) == SegmentationStorage:
             segs.append((path, ds))
-        elif "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "Rows" not in ds:
-            report.skip(path, f"not a cross-sectional image (Modality {ds.get('Modality', '?')}, no image geometry)")
-        elif int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            report.skip(path, "multi-frame image objects are not supported")
         else:
-            images[str(ds.SeriesInstanceUID)].append((path, ds))
+            images[series_uid].append((path, ds))
     return images, segs
 
 
@@ -115,6 +140,26 @@ def order_slices(headers: Sequence[pydicom.Dataset]) -> tuple[np.ndarray, np.nda
     return order, positions[order], normal
 
 
+def read_pixels(path: Path) -> np.ndarray:
+    """One slice in modality units (HU for CT); names the decoder to install when none is present.
+
+    MONOCHROME1 only says how to display: CT keeps its HU, other modalities are inverted so that
+    bright means high signal, as on a MONOCHROME2 image and in every viewer."""
+    ds = read_dicom(path)
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax.is_compressed and not get_decoder(syntax).is_available:
+        missing = "; ".join(get_decoder(syntax).missing_dependencies)
+        raise ValueError(f"{path.name}: pixel data is {syntax.name}, and no installed decoder reads it (install one of: {missing})")
+    try:
+        stored = ds.pixel_array
+    except Exception as err:
+        raise ValueError(f"{path.name}: pixel data unreadable ({_problem(err)})") from err
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1" and ds.get("Modality") != "CT":
+        # The same inversion for every slice: within the stored bit range, not each slice's own range.
+        stored = (2 ** int(ds.BitsStored) - 1 - stored.astype(np.int64)) if int(ds.PixelRepresentation) == 0 else -stored.astype(np.int64)
+    return apply_modality_lut(stored, ds).astype(np.float32)
+
+
 def read_series(files: Sequence[tuple[Path, pydicom.Dataset]]) -> Series:
     """Assemble one series; raises ValueError with the reason when its geometry is unusable."""
     headers = [h for _, h in files]
@@ -125,6 +170,8 @@ def read_series(files: Sequence[tuple[Path, pydicom.Dataset]]) -> Series:
             raise ValueError("slices have different orientations")
         if (h.Rows, h.Columns) != (first.Rows, first.Columns):
             raise ValueError("slices have different sizes")
+        if not np.allclose(np.asarray(h.PixelSpacing, dtype=float), np.asarray(first.PixelSpacing, dtype=float), rtol=1e-3):
+            raise ValueError("slices have different pixel spacings")
     order, positions, normal = order_slices(headers)
     gaps = np.diff(positions)
     if len(gaps) and np.min(gaps) < 1e-3:
@@ -133,11 +180,8 @@ def read_series(files: Sequence[tuple[Path, pydicom.Dataset]]) -> Series:
         raise ValueError("slice spacing is not uniform")
     slice_spacing = float(np.median(gaps)) if len(gaps) else float(first.get("SliceThickness", 1.0) or 1.0)
     row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
-    slices = []
-    for idx in order:
-        path, _ = files[idx]
-        ds = read_dicom(path)
-        slices.append(apply_modality_lut(ds.pixel_array, ds).astype(np.float32))
+    slices = [read_pixels(files[idx][0]) for idx in order]
+    notes = ["MONOCHROME1, inverted to MONOCHROME2"] if first.get("PhotometricInterpretation") == "MONOCHROME1" and first.get("Modality") != "CT" else []
     return Series(
         uid=str(first.SeriesInstanceUID),
         patient_id=str(first.get("PatientID", "") or first.SeriesInstanceUID),
@@ -148,6 +192,7 @@ def read_series(files: Sequence[tuple[Path, pydicom.Dataset]]) -> Series:
         origin=np.asarray(headers[order[0]].ImagePositionPatient, dtype=float),
         orientation=orientation,
         normal=normal,
+        notes=notes,
     )
 
 
@@ -235,8 +280,8 @@ def load_site_series(folder: str | Path, class_names: Sequence[str]) -> tuple[li
     for uid, files in images.items():
         try:
             series_by_uid[uid] = read_series(files)
-        except (ValueError, AttributeError, KeyError) as err:
-            report.skip(f"series {uid} ({len(files)} files under {files[0][0].parent})", str(err))
+        except Exception as err:
+            report.skip(f"series {uid} ({len(files)} files under {files[0][0].parent})", str(err) if isinstance(err, ValueError) else _problem(err))
     labelled: dict[str, LabelledSeries] = {}
     for path, ds in segs:
         refs = ds.get("ReferencedSeriesSequence", [])
@@ -248,9 +293,13 @@ def load_site_series(folder: str | Path, class_names: Sequence[str]) -> tuple[li
         else:
             try:
                 mask, source = read_seg_mask(path, series_by_uid[ref_uid], class_names)
+            except Exception as err:
+                report.skip(path, f"DICOM-SEG could not be aligned with its series: {_problem(err)}")
+                continue
+            if mask.any():
                 labelled[ref_uid] = LabelledSeries(series_by_uid[ref_uid], mask, source)
-            except (ValueError, KeyError, AttributeError) as err:
-                report.skip(path, f"DICOM-SEG could not be aligned with its series: {err}")
+            else:
+                report.skip(path, "DICOM-SEG mask is empty (no voxel of any class): an unfinished annotation?")
     for uid, path in _manifest(folder, report).items():
         if uid in labelled or uid not in series_by_uid:
             report.skip(path, "NIfTI mask for a series that is missing or already labelled")
@@ -264,7 +313,8 @@ def load_site_series(folder: str | Path, class_names: Sequence[str]) -> tuple[li
             report.skip(f"series {uid} (patient {series.patient_id})", "no label (no DICOM-SEG or NIfTI mask refers to it)")
     result = sorted(labelled.values(), key=lambda ls: (ls.series.patient_id, ls.series.uid))
     for ls in result:
-        report.used.append({"patient_id": ls.series.patient_id, "series_uid": ls.series.uid, "slices": int(ls.series.volume.shape[0]), "label_source": ls.label_source})
+        report.used.append({"patient_id": ls.series.patient_id, "series_uid": ls.series.uid, "slices": int(ls.series.volume.shape[0]),
+                            "label_source": ls.label_source, "notes": ls.series.notes})
     if not result:
         raise ValueError(f"site folder {folder} has no usable labelled series.\n{report.format()}")
     return result, report

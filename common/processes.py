@@ -3,10 +3,14 @@
 Everything a child prints goes to its log file; the console gets the lines a person wants to read
 (not the per-poll HTTP access lines), or everything with --verbose. On SIGINT/SIGTERM the child is
 stopped (SIGTERM, then SIGKILL after a grace period) so no daemon outlives the command that started it.
+Flower's daemons start helpers of their own (SuperExec, app processes) that can outlive them; `fedseg`
+makes itself their subreaper, so such orphans come back to it and are stopped too.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import re
 import shutil
 import signal
@@ -24,6 +28,67 @@ from types import FrameType
 _NOISE = re.compile(r"( INFO \[uvicorn|uvicorn\.access|^INFO:\s|^\x1b\[92mINFO \x1b\[0m:|^\s*$|^\d\d/\d\d/\d{4} [\d:]+:INFO:\s*$)")
 
 
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def adopt_orphans() -> None:
+    """Linux: descendants whose parent dies are re-parented to this process, not to init."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: orphans go to init, as usual
+        pass
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state) for every process we can see."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        table[int(stat.parent.name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def descendants(pid: int) -> list[int]:
+    """Live (non-zombie) descendants of `pid`, parents before children."""
+    table = _process_table()
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [p for p, (pp, state) in table.items() if pp == parent and state != "Z"]
+        found += children
+        frontier += children
+    return found
+
+
+def reap_orphans(keep: int) -> None:
+    """Collect adopted orphans that have exited (all our zombie children but `keep`, which Popen owns)."""
+    for pid, (parent, state) in _process_table().items():
+        if parent == os.getpid() and state == "Z" and pid != keep:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+def stop_descendants(grace: float = 5.0) -> None:
+    """SIGTERM every process still below us, then SIGKILL what is left after `grace` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = descendants(os.getpid())
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while pids and descendants(os.getpid()) and time.monotonic() < deadline:
+            reap_orphans(keep=-1)
+            time.sleep(0.2)
+    reap_orphans(keep=-1)
+
+
 class FlowerProcess:
     """One child process whose output is logged in full and shown filtered."""
 
@@ -36,6 +101,7 @@ class FlowerProcess:
         self.tail: deque[str] = deque(maxlen=40)
         if log_file is not None:
             log_file.parent.mkdir(parents=True, exist_ok=True)
+        adopt_orphans()
         self.proc = subprocess.Popen(self.command, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)
         self._pump = threading.Thread(target=self._copy_output, daemon=True)
@@ -118,7 +184,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def run_until_stopped(proc: FlowerProcess) -> int:
-    """Block until the child exits or we are told to stop (Ctrl-C, SIGTERM); then stop the child."""
+    """Block until the child exits or we are told to stop (Ctrl-C, SIGTERM); then stop the child and
+    whatever it left behind."""
     stopping = threading.Event()
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
@@ -128,9 +195,12 @@ def run_until_stopped(proc: FlowerProcess) -> int:
     try:
         while proc.running() and not stopping.is_set():
             stopping.wait(0.5)
+            reap_orphans(keep=proc.pid)
         if stopping.is_set():
             print("stopping ...", flush=True)
-        return proc.stop()
+        code = proc.stop()
+        stop_descendants()
+        return code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

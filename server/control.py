@@ -12,6 +12,7 @@ from typing import Any
 import tomli_w
 
 from common.processes import FlowerProcess, flower_executable, port_open, run_until_stopped
+from server.run_record import run_status
 from server.superlink import CONNECTION, ServerFolder
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -107,4 +108,7 @@ def start_run(folder: ServerFolder, run_config: dict[str, Any], verbose: bool = 
     print(f"run {run_id} {status['status']}{details}: {float(status['elapsed']):.0f} s wall, "
           f"{traffic['total-bytes'] / 1e6:.1f} MB exchanged, ClientApp compute {compute['clientapp-seconds']:.0f} s "
           f"(all sites), ServerApp {compute['serverapp-seconds']:.0f} s", flush=True)
-    return 0 if status["status"].endswith("completed") and (run_dir / "summary.md").is_file() else 1
+    outcome = run_status(run_dir)
+    if outcome != "completed":
+        print(f"the run's own record says: {outcome or 'no history.json'}" + (f"; continue it with: fedseg run {folder.root} --resume {run_config['run-dir']}" if outcome else ""))
+    return 0 if status["status"].endswith("completed") and outcome == "completed" else 1

@@ -22,11 +22,15 @@ from flwr.app import ArrayRecord
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, mode) as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _clean(value: Any) -> Any:
@@ -40,13 +44,62 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def run_status(run_dir: str | Path) -> str | None:
+    """"completed", "stopped", "running" (or interrupted), or None when the folder holds no run."""
+    try:
+        return json.loads((Path(run_dir) / "history.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+class ResumeError(RuntimeError):
+    """The run folder holds nothing a run can be resumed from."""
+
+
 class RunRecord:
     def __init__(self, run_dir: str | Path, config: dict[str, Any]) -> None:
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config = config
         self.rounds: dict[int, dict[str, Any]] = {}
+        self.site_nodes: dict[str, str] = {}  # Flower node id -> site name, learnt from replies
+        self.events: list[dict[str, Any]] = []  # resumptions, retries, a stop: what a reader must know
+        self.status = "running"
         self.started = time.time()
+        self.elapsed_before = 0.0
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, config: dict[str, Any]) -> tuple[RunRecord, dict[str, Any], int]:
+        """The record of an interrupted run, cut back to its last completed round, and that round's
+        checkpoint. Only `config`'s RESUMABLE keys override the run's own configuration."""
+        from common.config import RESUMABLE
+
+        run_dir = Path(run_dir)
+        try:
+            history = json.loads((run_dir / "history.json").read_text())
+        except (OSError, ValueError) as err:
+            raise ResumeError(f"cannot resume from {run_dir}: no readable history.json ({err})") from err
+        done = [r["round"] for r in history["rounds"] if "dice" in r]
+        if not done:
+            raise ResumeError(f"cannot resume from {run_dir}: no round was completed")
+        last = max(done)
+        checkpoint = torch.load(run_dir / "checkpoints" / f"global_model-round{last:03d}.pt", weights_only=True)
+        record = cls(run_dir, {**history["config"], **{k: config[k] for k in RESUMABLE if k in config}})
+        record.rounds = {r["round"]: r for r in history["rounds"] if r["round"] <= last}
+        record.site_nodes = dict(history.get("site_nodes", {}))
+        record.events = list(history.get("events", []))
+        record.elapsed_before = float(history.get("wall_time_s", 0.0))
+        lost = sorted({r["round"] for r in history["rounds"]} - set(record.rounds))
+        record.event(f"resumed after round {last}" + (f"; round {lost[0]} (in flight at the stop) is run again" if lost else ""))
+        return record, checkpoint, last
+
+    def event(self, text: str) -> None:
+        self.events.append({"time": time.time(), "event": text})
+        self.write_history()
+
+    def finish(self, status: str) -> None:
+        self.status = status
+        self.write_history()
 
     def round(self, server_round: int) -> dict[str, Any]:
         return self.rounds.setdefault(server_round, {"round": server_round, "sites": {}, "started": time.time()})
@@ -54,8 +107,9 @@ class RunRecord:
     def site(self, server_round: int, site: str) -> dict[str, Any]:
         return self.round(server_round)["sites"].setdefault(site, {})
 
-    def save_checkpoint(self, server_round: int, arrays: ArrayRecord) -> Path:
-        state = {"state_dict": arrays.to_torch_state_dict(), "round": server_round, "config": self.config}
+    def save_checkpoint(self, server_round: int, arrays: ArrayRecord, strategy_state: dict[str, Any]) -> Path:
+        state = {"state_dict": arrays.to_torch_state_dict(), "round": server_round, "config": self.config,
+                 "strategy_state": strategy_state}
         path = self.dir / "checkpoints" / f"global_model-round{server_round:03d}.pt"
         _atomic_write(path, lambda fh: torch.save(state, fh), mode="wb")
         _atomic_write(self.dir / "global_model.pt", lambda fh: torch.save(state, fh), mode="wb")
@@ -68,8 +122,9 @@ class RunRecord:
         self.write_history()
 
     def write_history(self) -> None:
-        history = {"config": self.config, "rounds": [self.rounds[r] for r in sorted(self.rounds)],
-                   "wall_time_s": time.time() - self.started}
+        history = {"config": self.config, "status": self.status, "rounds": [self.rounds[r] for r in sorted(self.rounds)],
+                   "site_nodes": self.site_nodes, "events": self.events,
+                   "wall_time_s": self.elapsed_before + time.time() - self.started}
         _atomic_write(self.dir / "history.json", lambda fh: json.dump(_clean(history), fh, indent=1))
 
     def summary(self) -> str:

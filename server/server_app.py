@@ -1,14 +1,15 @@
-"""The aggregation server's Flower ServerApp: initial model, round-0 baseline, federated rounds."""
+"""The aggregation server's Flower ServerApp: round 0 baseline, then federated rounds that survive
+silent sites (timeouts), too few sites (wait, retry, stop cleanly) and a server restart (--resume)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import class_names, run_config
@@ -22,20 +23,83 @@ SITE_KEYS = ("num-server-rounds", "local-epochs", "batch-size", "learning-rate",
              "noise-multiplier", "max-grad-norm", "delta", "image-size", "classes", "val-fraction", "seed")
 
 
-def run_federation(grid: Grid, config: dict[str, Any], progress=print) -> RunRecord:
-    """Round 0 measures the untrained model, then `num-server-rounds` rounds of train + validate."""
+class RunStopped(RuntimeError):
+    """Too few sites, after every retry: the run stops with its last completed round kept."""
+
+
+def wait_for_sites(grid: Grid, needed: int, timeout: float, progress: Callable[[str], None]) -> int:
+    """Wait (up to `timeout` s) until `needed` sites are online; says so while it waits."""
+    deadline, shown = time.time() + timeout, None
+    while (online := len(list(grid.get_node_ids()))) < needed and time.time() < deadline:
+        if online != shown:
+            progress(f"waiting for sites: {online} of the {needed} needed are online")
+            shown = online
+        time.sleep(2)
+    return online
+
+
+def _train(grid: Grid, strategy: FederationStrategy, server_round: int, arrays: ArrayRecord, site_config: ConfigRecord,
+           config: dict[str, Any], progress: Callable[[str], None]) -> ArrayRecord:
+    """One round's training; retried while fewer than `min-sites` usable updates came back."""
+    needed, timeout, retries = int(config["min-sites"]), float(config["round-timeout"]), int(config["round-retries"])
+    for attempt in range(retries + 1):
+        if wait_for_sites(grid, needed, timeout, progress) >= needed:
+            replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(dict(site_config)), grid), timeout=timeout)
+            aggregated, _ = strategy.aggregate_train(server_round, replies)
+            if aggregated is not None:
+                return aggregated
+        what = f"round {server_round}: fewer than the {needed} sites needed gave a usable update; the global model is unchanged"
+        if attempt < retries:
+            strategy.record.event(f"{what}; retry {attempt + 1} of {retries}")
+            progress(f"{what}; retrying ({attempt + 1} of {retries})")
+    raise RunStopped(f"{what} after {retries} retries: run stopped")
+
+
+def _validate(grid: Grid, strategy: FederationStrategy, server_round: int, arrays: ArrayRecord, site_config: ConfigRecord,
+              timeout: float, progress: Callable[[str], None]) -> None:
+    """Every online site validates the global model; with none online the round closes unvalidated."""
+    if wait_for_sites(grid, 1, timeout, progress) >= 1:
+        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(site_config)), grid)
+        strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=timeout))
+    else:
+        strategy.record.event(f"round {server_round}: no site online to validate the global model")
+        strategy.aggregate_evaluate(server_round, [])
+
+
+def run_federation(grid: Grid, config: dict[str, Any], progress: Callable[[str], None] = print) -> RunRecord:
+    """Round 0 measures the untrained model, then `num-server-rounds` rounds of train + validate;
+    with `resume`, continues the run in `run-dir` after its last completed round."""
     run_dir = Path(config["run-dir"] or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    record = RunRecord(run_dir, config)
-    torch.manual_seed(int(config["seed"]))
-    arrays = to_arrays(build_model(len(class_names(config))))
+    if config["resume"]:
+        record, checkpoint, done = RunRecord.resume(run_dir, config)
+        arrays = ArrayRecord(checkpoint["state_dict"])
+        progress(f"resuming {run_dir} after round {done} of {record.config['num-server-rounds']}")
+    else:
+        if (run_dir / "history.json").exists():
+            raise FileExistsError(f"{run_dir} already holds a run: resume it (--resume) or choose another run folder")
+        record, checkpoint, done = RunRecord(run_dir, config), {"strategy_state": {}}, -1
+        torch.manual_seed(int(config["seed"]))
+        arrays = to_arrays(build_model(len(class_names(config))))
+    config = record.config
     strategy = FederationStrategy(build_strategy(config), record, progress)
+    strategy.load_state(checkpoint["strategy_state"])
     site_config = ConfigRecord({k: config[k] for k in SITE_KEYS})
     timeout = float(config["round-timeout"])
-    record.save_checkpoint(0, arrays)
-    progress(f"round 0: validating the initial model at every site (run folder {run_dir})")
-    strategy.aggregate_evaluate(0, grid.send_and_receive(strategy.configure_evaluate(0, arrays, ConfigRecord(dict(site_config)), grid), timeout=timeout))
-    strategy.start(grid=grid, initial_arrays=arrays, num_rounds=int(config["num-server-rounds"]), timeout=timeout,
-                   train_config=site_config, evaluate_config=ConfigRecord(dict(site_config)))
+    if done < 0:
+        record.save_checkpoint(0, arrays, strategy.state())
+        progress(f"round 0: validating the initial model at every site (run folder {run_dir})")
+        _validate(grid, strategy, 0, arrays, site_config, timeout, progress)
+        done = 0
+    try:
+        for server_round in range(done + 1, int(config["num-server-rounds"]) + 1):
+            arrays = _train(grid, strategy, server_round, arrays, site_config, config, progress)
+            _validate(grid, strategy, server_round, arrays, site_config, timeout, progress)
+    except RunStopped as stop:
+        record.event(str(stop))
+        record.finish("stopped")
+        progress(f"{stop}. The last completed round is kept; continue later with --resume {run_dir}")
+        return record  # the run's own record says "stopped"; fedseg run / simulate exit non-zero on it
+    record.finish("completed")
     progress("\n" + record.summary())
     progress(f"\nrun folder: {run_dir} (global_model.pt, checkpoints/, history.json, summary.md)")
     return record

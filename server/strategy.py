@@ -1,84 +1,140 @@
-"""Flower's strategies (FedAvg, FedProx, FedAdam), wrapped to keep the per-site record a hospital
-federation needs: who trained, who refused (privacy budget) and why, each site's ε and Dice, and a
-checkpoint of the global model after every aggregation."""
+"""Flower's strategies, wrapped to keep the record a hospital federation needs: who trained, who
+refused (privacy budget), who failed or stayed silent and why, whose update was rejected, each site's
+ε and Dice, and a checkpoint of the global model (with the strategy's own state) after every round."""
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
 from server.run_record import RunRecord
+from server.update_check import screen_updates
 
 log = logging.getLogger("fedseg.server")
 
+# Server-side optimiser moments of Flower's FedOpt family: what a resumed FedAdam needs back.
+STRATEGY_STATE = ("m_t", "v_t")
+
 
 def build_strategy(config: dict[str, Any]) -> Strategy:
-    common = dict(
-        fraction_train=float(config["fraction-train"]),
-        fraction_evaluate=1.0,
-        min_train_nodes=int(config["min-sites"]),
-        min_evaluate_nodes=int(config["min-sites"]),
-        min_available_nodes=int(config["min-sites"]),
-    )
+    """The Flower strategy named in the run config. fedseg enforces `min-sites` itself (waiting,
+    retrying, never aggregating too few updates), so Flower's own sampler is told one node suffices."""
+    common = dict(fraction_train=float(config["fraction-train"]), fraction_evaluate=1.0,
+                  min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
     name = config["strategy"]
     if name == "fedprox":
         return FedProx(**common, proximal_mu=float(config["proximal-mu"]))
     if name == "fedadam":
         return FedAdam(**common, eta=float(config["server-learning-rate"]), eta_l=float(config["learning-rate"]))
+    if name == "fedmedian":
+        return FedMedian(**common)
+    if name == "fedtrimmedavg":
+        return FedTrimmedAvg(**common, beta=float(config["trim-fraction"]))
+    if name == "krum":
+        return Krum(**common, num_malicious_nodes=int(config["byzantine-sites"]))
     return FedAvg(**common)
 
 
 class FederationStrategy(Strategy):
-    """Delegates the maths to a Flower strategy; records each site's reply and checkpoints rounds."""
+    """Delegates the maths to a Flower strategy; records, screens and checkpoints around it."""
 
     def __init__(self, inner: Strategy, record: RunRecord, progress=print) -> None:
         self.inner, self.record, self.progress = inner, record, progress
+        self.min_sites = int(record.config["min-sites"])
+        self.max_norm_ratio = float(record.config["max-update-norm-ratio"])
+        self.sent: dict[str, np.ndarray] = {}
+        self.asked: list[Message] = []
 
     def summary(self) -> None:
         self.inner.summary()
 
+    def state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """As tensors, so a checkpoint loads with `torch.load(weights_only=True)` (no pickle)."""
+        return {k: {n: torch.from_numpy(np.asarray(a)) for n, a in getattr(self.inner, k).items()}
+                for k in STRATEGY_STATE if getattr(self.inner, k, None)}
+
+    def load_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        for key, arrays in state.items():
+            setattr(self.inner, key, {n: t.numpy() for n, t in arrays.items()})
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.record.round(server_round)  # starts the round's clock
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        self.sent = {k: v.numpy() for k, v in arrays.items()}
+        return self._remember(self.inner.configure_train(server_round, arrays, config, grid))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        self.record.round(server_round)  # round 0 has no training: its clock starts here
+        return self._remember(self.inner.configure_evaluate(server_round, arrays, config, grid))
+
+    def _remember(self, messages: Iterable[Message]) -> list[Message]:
+        self.asked = list(messages)  # the Grid gives each its message id when it sends them
+        return self.asked
 
     def _site_replies(self, server_round: int, replies: Iterable[Message], stage: str) -> Iterator[tuple[Message, str, str, str, MetricRecord]]:
-        """Replies that carry content, with their site; failed ones are recorded and logged here."""
+        """Replies that carry content, with their site; failed and missing ones are recorded here."""
+        # An error the SuperLink writes for a dead node comes from the SuperLink, not the node: the
+        # site is the one the answered message went to.
+        destination = {m.metadata.message_id: m.metadata.dst_node_id for m in self.asked}
+        answered = set()
         for msg in replies:
+            node = destination.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            answered.add(node)
             if msg.has_error():
-                name = f"node-{msg.metadata.src_node_id}"
-                self.record.site(server_round, name).update(status=f"{stage}_failed", reason=msg.error.reason)
-                log.warning("round %d: %s %s failed: %s", server_round, name, stage, msg.error.reason)
+                self._failed(server_round, node, f"{stage}_failed", msg.error.reason)
                 continue
             site = msg.content.config_records.get("site", ConfigRecord())
-            name = str(site.get("name", f"node-{msg.metadata.src_node_id}"))
-            yield msg, name, str(site.get("status", "ok")), str(site.get("reason", "")), msg.content["metrics"]
+            name = str(site.get("name", f"node-{node}"))
+            self.record.site_nodes[str(node)] = name
+            yield msg, name, str(site.get("status", "ok")), str(site.get("reason", "")), msg.content.metric_records.get("metrics", MetricRecord())
+        for node in destination.values():
+            if node not in answered:
+                self._failed(server_round, node, "no_reply", f"no {stage} reply within the round timeout ({self.record.config['round-timeout']:g} s)")
+
+    def _failed(self, server_round: int, node: int, status: str, reason: str) -> None:
+        name = self.record.site_nodes.get(str(node), f"node-{node}")
+        reason = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", reason).split())  # Ray wraps a site's exception in colour codes
+        reason = reason.rsplit("Message: ", 1)[-1].rstrip("'>")[:300]
+        self.record.site(server_round, name).update(status=status, reason=reason)
+        self.progress(f"  round {server_round} {name}: {status.replace('_', ' ')}: {reason}")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        trained = []
+        """Aggregates the usable updates, or returns (None, None) when fewer than `min-sites` are."""
+        trained: dict[str, Message] = {}
         for msg, name, status, reason, m in self._site_replies(server_round, replies, "train"):
-            self.record.site(server_round, name).update(
-                status=status, reason=reason, examples=int(m["num-examples"]), train_loss=float(m["train-loss"]),
-                epsilon=float(m["epsilon"]), noise_multiplier=float(m["noise-multiplier"]), steps=int(m["steps"]))
-            if status == "ok":
-                trained.append(msg)
-                self.progress(f"  round {server_round} {name}: train loss {float(m['train-loss']):.4f}, ε {float(m['epsilon']):.3f}, {int(m['num-examples'])} slices")
-            else:
+            entry = self.record.site(server_round, name)
+            entry.update(status=status, reason=reason, examples=int(m.get("num-examples", 0)),
+                         train_loss=float(m.get("train-loss", math.nan)), epsilon=float(m.get("epsilon", math.nan)),
+                         noise_multiplier=float(m.get("noise-multiplier", math.nan)), steps=int(m.get("steps", 0)))
+            if status != "ok":
                 self.progress(f"  round {server_round} {name}: did not train ({status}): {reason}")
-        if not trained:
-            log.warning("round %d: no site trained; the global model is unchanged", server_round)
+            elif "arrays" not in msg.content.array_records or entry["examples"] <= 0:
+                entry.update(status="rejected", reason="reply has no weights or no training examples")
+            else:
+                trained[name] = msg
+        rejected = screen_updates({n: m.content["arrays"] for n, m in trained.items()}, self.sent, self.max_norm_ratio)
+        for name, reason in rejected.items():
+            self.record.site(server_round, name).update(status="rejected", reason=reason)
+            self.progress(f"  round {server_round} {name}: update rejected, left out of the average: {reason}")
+            del trained[name]
+        for name in trained:
+            s = self.record.site(server_round, name)
+            self.progress(f"  round {server_round} {name}: train loss {s['train_loss']:.4f}, ε {s['epsilon']:.3f}, {s['examples']} slices")
+        if len(trained) < self.min_sites:
             return None, None
-        arrays, metrics = self.inner.aggregate_train(server_round, trained)
+        arrays, metrics = self.inner.aggregate_train(server_round, list(trained.values()))
         if arrays is not None:
-            self.record.save_checkpoint(server_round, arrays)
+            # FedOpt's server maths runs in float64; the global model keeps the model's own dtypes.
+            arrays = ArrayRecord({k: Array(np.ascontiguousarray(a.numpy().astype(self.sent[k].dtype))) for k, a in arrays.items()})
+            self.record.save_checkpoint(server_round, arrays, self.state())
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -94,6 +150,6 @@ class FederationStrategy(Strategy):
         dice = float(metrics["dice"]) if metrics is not None and "dice" in metrics else math.nan
         self.record.close_round(server_round, dice)
         sites = self.record.round(server_round)["sites"]
-        detail = ", ".join(f"{n} {s.get('val_dice', math.nan):.3f}" for n, s in sorted(sites.items()))
+        detail = ", ".join(f"{n} {s['val_dice']:.3f}" for n, s in sorted(sites.items()) if "val_dice" in s)
         self.progress(f"round {server_round}: aggregated validation Dice {dice:.3f} ({detail})")
         return metrics

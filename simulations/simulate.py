@@ -23,11 +23,13 @@ def site_folders(data_root: Path) -> list[str]:
 
 
 def run_simulation(sites: list[str], run_dir: Path, overrides: dict[str, Any], epsilon_budget: float,
-                   ledger_dir: Path, cpus_per_site: float = 1.0) -> Path:
+                   ledger_dir: Path, faults: dict[int, list[str]] | None = None, cpus_per_site: float = 1.0) -> Path:
     """Train over `sites` (site folders) and leave checkpoints, history and summary in `run_dir`."""
     from flwr.simulation import run_simulation as flower_run_simulation
 
     from client.client_app import build_client_app, simulated_sites
+    from server.run_record import run_status
+    from simulations.faults import fault_mod
     from server.server_app import build_server_app
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -39,12 +41,14 @@ def run_simulation(sites: list[str], run_dir: Path, overrides: dict[str, Any], e
     started = time.time()
     flower_run_simulation(
         server_app=build_server_app({**overrides, "run-dir": str(run_dir)}),
-        client_app=build_client_app(simulated_sites(sites, str(ledger_dir), epsilon_budget)),
+        client_app=build_client_app(simulated_sites(sites, str(ledger_dir), epsilon_budget), [fault_mod(faults)] if faults else None),
         num_supernodes=len(sites),
         backend_config=backend,
     )
-    if not (run_dir / "history.json").is_file():
-        raise SystemExit(f"the simulation ended without writing {run_dir / 'history.json'}; see the log above")
+    status = run_status(run_dir)
+    if status != "completed":
+        raise SystemExit(f"the simulation did not complete (run status: {status or 'no history.json'}); see the log above"
+                         + (f"; continue it with --resume {run_dir}" if status else ""))
     print(f"simulation finished in {time.time() - started:.0f} s")
     return run_dir
 

@@ -20,3 +20,14 @@ def tiny_federation(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_site(tiny_federation) -> Path:
     return tiny_federation / "site-01"
+
+
+@pytest.fixture
+def task_identity():
+    """Flower stamps Messages with the running task's identity; its runtimes set it, so do we."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved

@@ -3,6 +3,7 @@ shuffled numeric file names, arbitrary InstanceNumbers, a rescale slope, any ori
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import highdicom as hd
@@ -15,9 +16,11 @@ from pydicom.uid import ImplicitVRLittleEndian, MRImageStorage, generate_uid
 
 def write_series(folder: Path, volume: np.ndarray, *, patient: str = "P1", spacing=(4.0, 1.5, 1.5),
                  tilt_deg: float = 0.0, descending: bool = False, slope: float = 1.0, intercept: float = 0.0,
-                 modality: str = "MR", seed: int = 0) -> list[pydicom.Dataset]:
+                 modality: str = "MR", seed: int = 0, photometric: str = "MONOCHROME2",
+                 transfer_syntax: str | None = None) -> list[pydicom.Dataset]:
     """`volume` is [slices, rows, cols] in modality units, slice 0 lowest along the normal.
-    Returns the datasets in ascending-normal order (what a correct reader must reconstruct)."""
+    Returns the datasets in ascending-normal order (what a correct reader must reconstruct);
+    `transfer_syntax` compresses the files on disk with pydicom's own encoders."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     t = np.deg2rad(tilt_deg)
@@ -43,20 +46,25 @@ def write_series(folder: Path, volume: np.ndarray, *, patient: str = "P1", spaci
         ds.ImagePositionPatient = list(np.array([-20.0, -30.0, 5.0]) + k * spacing[0] * normal)
         ds.PixelSpacing, ds.SliceThickness = [spacing[1], spacing[2]], spacing[0]
         ds.Rows, ds.Columns = volume.shape[1:]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
         ds.PixelData = np.rint((volume[k] - intercept) / slope).astype(np.uint16).tobytes()
         datasets.append(ds)
     for k in (range(n - 1, -1, -1) if descending else range(n)):
-        datasets[k].save_as(folder / f"{names[k]}", enforce_file_format=False)
+        on_disk = datasets[k]
+        if transfer_syntax:
+            on_disk = copy.deepcopy(on_disk)
+            on_disk.compress(transfer_syntax, generate_instance_uid=False)
+        on_disk.save_as(folder / f"{names[k]}", enforce_file_format=False)
     return datasets
 
 
 def write_seg(path: Path, datasets: list[pydicom.Dataset], mask: np.ndarray, labels: list[str]) -> None:
-    """A SEG as a third-party tool might write it: segments named freely, source order shuffled."""
+    """A SEG as a third-party tool might write it: segments named freely, source order shuffled.
+    An all-zero mask gives an empty first segment, as an annotation saved before drawing would."""
     order = np.random.default_rng(1).permutation(len(datasets))
-    present = [i for i in range(1, len(labels) + 1) if (mask == i).any()]
+    present = [i for i in range(1, len(labels) + 1) if (mask == i).any()] or [1]
     seg = hd.seg.Segmentation(
         source_images=[datasets[i] for i in order],
         pixel_array=np.stack([(mask[order] == i) for i in present], axis=-1).astype(np.uint8),
@@ -67,6 +75,7 @@ def write_seg(path: Path, datasets: list[pydicom.Dataset], mask: np.ndarray, lab
             for j, i in enumerate(present)],
         series_instance_uid=generate_uid(), series_number=99, sop_instance_uid=generate_uid(), instance_number=1,
         manufacturer="ThirdParty", manufacturer_model_name="Annotator", software_versions="2.0", device_serial_number="1",
+        omit_empty_frames=bool(mask.any()),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     seg.save_as(path)

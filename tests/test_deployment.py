@@ -1,6 +1,7 @@
 """Deployment with real processes on loopback: `fedseg server` (SuperLink, TLS, site authentication),
-two `fedseg site` SuperNodes, `fedseg run`; plus the sites that must be turned away. Every process is
-started here and stopped here, by pid, and the suite checks none is left behind."""
+three `fedseg site` SuperNodes, `fedseg run`; the sites that must be turned away; a hospital that dies
+mid-round and a server that crashes mid-run and is resumed. Every process is started here and stopped
+here, by pid, and the suite checks none is left behind."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from common.model import build_model
 from common.processes import free_port, port_open
 
 REPO = Path(__file__).parents[1]
+HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
 FEDSEG = [sys.executable, "-m", "common.cli"]
 
 
@@ -77,24 +79,26 @@ class Background:
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    """Coordinator and two hospitals on one machine, as the README walks them through."""
+    """Coordinator and hospitals on one machine, as the README walks them through (plus hospital-c,
+    which the test kills)."""
     root = tmp_path_factory.mktemp("deploy")
     port = free_port()
-    assert _fedseg("demo-data", "demo", "--sites", "2", "--size", "tiny", cwd=root).returncode == 0
-    data = root / "demo" / "federation-v3-tiny-2sites-seed0"
+    assert _fedseg("demo-data", "demo", "--sites", "3", "--size", "tiny", cwd=root).returncode == 0
+    data = root / "demo" / "federation-v3-tiny-3sites-seed0"
     assert _fedseg("certs", "coordinator", "--hostname", "fedseg.test", cwd=root).returncode == 0
-    for site in ("hospital-a", "hospital-b", "site-unregistered"):
+    for site in (*HOSPITALS, "site-unregistered"):
         assert _fedseg("site-key", site, cwd=root).returncode == 0
     server = Background("server", ["server", "coordinator", "--port", str(port)], root)
     started: list[Background] = [server]
     try:
         server.wait_for("aggregation server on", timeout=90)
-        for site in ("hospital-a", "hospital-b"):
+        for site in HOSPITALS:
             reg = _fedseg("register", "coordinator", f"{site}/site.pub", "--name", site, cwd=root)
             assert reg.returncode == 0, reg.stdout + reg.stderr
-        for site, folder in (("hospital-a", "site-01"), ("hospital-b", "site-02")):
+        for site, folder in zip(HOSPITALS, ("site-01", "site-02", "site-03")):
+            # Budget 60 against a run target of 30: room for a round lost in the server crash and run again.
             started.append(Background(site, ["site", site, "--data", str(data / folder), "--server", f"localhost:{port}",
-                                             "--ca-cert", "coordinator/certs/ca.crt", "--epsilon-budget", "30", "--threads", "1"], root))
+                                             "--ca-cert", "coordinator/certs/ca.crt", "--epsilon-budget", "60", "--threads", "1"], root))
         yield {"root": root, "port": port, "server": server, "sites": started[1:], "started": started,
                "data": data / "site-01"}
     finally:
@@ -103,21 +107,43 @@ def federation(tmp_path_factory):
         assert not port_open("127.0.0.1", port), "the server port is still open"
 
 
-def test_two_authenticated_sites_train_over_tls_while_intruders_are_refused(federation, tmp_path):
-    root, port, server = federation["root"], federation["port"], federation["server"]
-    for site in federation["sites"]:
-        site.wait_for("connecting to", timeout=120)
-    deadline = time.monotonic() + 60
-    while (listing := _fedseg("sites", "coordinator", cwd=root).stdout).count(" online ") < 2:
-        assert time.monotonic() < deadline, listing
-        time.sleep(2)
-    assert "hospital-a" in listing and "hospital-b" in listing
-    run = Background("run", ["run", "coordinator", "--rounds", "2", "--local-epochs", "2", "--epsilon", "30", "--image-size", "32",
-                             "--batch-size", "8", "--min-sites", "2", "--run-dir", "runs/test"], root)
-    federation["started"].append(run)
-    run.wait_for("round 0:", timeout=180)
+def _history(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "history.json").read_text())
+    except (OSError, ValueError):
+        return {"rounds": []}
 
-    # While the run is under way: a site whose key was never registered is refused ...
+
+def _wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(1)
+
+
+def _online(root: Path) -> set[str]:
+    """Names of the sites `fedseg sites` lists as online."""
+    rows = [line.split() for line in _fedseg("sites", "coordinator", cwd=root).stdout.splitlines()[1:]]
+    return {row[0] for row in rows if len(row) > 2 and row[2] == "online"}
+
+
+def test_sites_train_over_tls_through_a_dead_hospital_and_a_server_crash_while_intruders_are_refused(federation, tmp_path):
+    root, port, server = federation["root"], federation["port"], federation["server"]
+    sites = {bg.log.stem: bg for bg in federation["sites"]}
+    for site in sites.values():
+        site.wait_for("connecting to", timeout=120)
+    _wait_until(lambda: _online(root) == set(HOSPITALS), 90, "three sites online")
+    run_dir = root / "coordinator" / "runs" / "test"
+    run = Background("run", ["run", "coordinator", "--rounds", "2", "--local-epochs", "2", "--epsilon", "30", "--image-size", "32",
+                             "--batch-size", "8", "--min-sites", "2", "--round-timeout", "300", "--run-dir", "runs/test"], root)
+    federation["started"].append(run)
+    run.wait_for("round 0: aggregated", timeout=240)
+
+    # hospital-c loses power while training round 1: no goodbye, the SuperLink only stops hearing from it.
+    time.sleep(3)
+    os.killpg(sites["hospital-c"].proc.pid, signal.SIGKILL)
+
+    # Meanwhile: a site whose key was never registered is refused ...
     refused = _fedseg("site", "site-unregistered", "--data", str(federation["data"]), "--server",
                       f"127.0.0.1:{port}", "--ca-cert", "coordinator/certs/ca.crt", cwd=root, timeout=180)
     assert refused.returncode != 0 and "is not registered" in refused.stderr, refused.stdout + refused.stderr
@@ -139,28 +165,45 @@ def test_two_authenticated_sites_train_over_tls_while_intruders_are_refused(fede
             os.killpg(bare.pid, signal.SIGKILL)  # its SuperExec helper, if still there
         except ProcessLookupError:
             pass
-    assert server.proc.poll() is None and port_open("127.0.0.1", port)
 
-    assert run.proc.wait(timeout=540) == 0, run.output()[-4000:]
-    run_dir = root / "coordinator" / "runs" / "test"
-    history = json.loads((run_dir / "history.json").read_text())
+    # Round 1 completes with the two live hospitals; then the server machine crashes (every process of it).
+    _wait_until(lambda: any(r["round"] == 1 and "dice" in r for r in _history(run_dir)["rounds"]), 480,
+                f"round 1 never completed:\n{run.output()[-3000:]}")
+    os.killpg(server.proc.pid, signal.SIGKILL)
+    assert run.proc.wait(timeout=120) != 0  # the coordinator's follower lost the server
+    assert _history(run_dir)["status"] == "running"
+
+    restarted = Background("server-restarted", ["server", "coordinator", "--port", str(port)], root)
+    federation["started"].append(restarted)
+    restarted.wait_for("aggregation server on", timeout=90)
+    _wait_until(lambda: {"hospital-a", "hospital-b"} <= _online(root), 120, "hospitals a and b reconnect to the restarted server")
+    resume = Background("resume", ["run", "coordinator", "--resume", "runs/test"], root)
+    federation["started"].append(resume)
+    assert resume.proc.wait(timeout=540) == 0, resume.output()[-4000:]
+    assert "resuming runs/test: 2 rounds" in resume.output()
+
+    history = _history(run_dir)
+    assert history["status"] == "completed"
+    assert [r["round"] for r in history["rounds"]] == [0, 1, 2]  # every round once
+    assert "resumed after round 1" in " ".join(e["event"] for e in history["events"])
     rounds = {r["round"]: r for r in history["rounds"]}
-    assert sorted(rounds) == [0, 1, 2]
-    assert set(rounds[2]["sites"]) == {"hospital-a", "hospital-b"}  # the refused sites never took part
-    state = torch.load(run_dir / "global_model.pt", weights_only=False)
+    lost = rounds[1]["sites"]["hospital-c"]
+    assert lost["status"] in ("train_failed", "no_reply") and lost["reason"], lost  # dead site named, with why
+    assert {n: s["status"] for n, s in rounds[2]["sites"].items()} == {"hospital-a": "ok", "hospital-b": "ok"}
+    state = torch.load(run_dir / "global_model.pt", weights_only=True)
     assert state["round"] == 2
     build_model(3).load_state_dict(state["state_dict"])
     for name in ("hospital-a", "hospital-b"):
         reported = rounds[2]["sites"][name]["epsilon"]
-        assert 0 < reported <= 30.0 + 1e-6
-        # The ε the server saw is the site's own accountant's, from the ledger that stays at the site.
+        # The ε the server saw is the site's own accountant's, over every step it actually took: two
+        # rounds, or three when its round 2 finished at the site after the server had died.
         ledger_file = next((root / name / "privacy_ledger").glob("privacy_ledger-*.json"))
         ledger = PrivacyLedger(ledger_file.parent, json.loads(ledger_file.read_text())["fingerprint"], name)
         assert math.isclose(ledger.epsilon(1e-5), reported, rel_tol=1e-9)
-        assert len(ledger.rounds) == 2
-    assert "foreground Dice" in run.output() and "hospital-a" in run.output()
-    for site in federation["sites"]:
-        assert "round 2: " in site.output()  # each hospital's console shows its own rounds
+        assert len(ledger.rounds) in (2, 3) and 0 < reported <= 60.0
+        assert "round 2: " in sites[name].output()  # each hospital's console shows its own rounds
+    assert not list((root / "hospital-c" / "privacy_ledger").glob("*.json"))  # died before spending anything
+    assert "foreground Dice" in resume.output() and "hospital-a" in resume.output()
 
 
 def test_site_with_no_usable_data_fails_at_start(tmp_path):
@@ -177,3 +220,19 @@ def test_site_with_no_usable_data_fails_at_start(tmp_path):
 def test_server_refuses_to_start_without_certificates_unless_insecure(tmp_path):
     result = _fedseg("server", "coordinator", "--port", str(free_port()), cwd=tmp_path)
     assert result.returncode != 0 and "fedseg certs" in result.stderr
+
+
+def test_site_with_a_corrupt_privacy_ledger_refuses_to_start_and_keeps_the_ledger(tmp_path, tiny_site):
+    from client.client_app import SiteConfig, site_data
+    from common.config import RUN_DEFAULTS
+
+    fingerprint = site_data(SiteConfig("h", str(tiny_site), "", 8.0), RUN_DEFAULTS).fingerprint
+    assert _fedseg("site-key", "site", cwd=tmp_path).returncode == 0
+    ledger = tmp_path / "site" / "privacy_ledger" / f"privacy_ledger-{fingerprint}.json"
+    ledger.parent.mkdir()
+    ledger.write_text('{"accountant_history": [[1.1, 0.1, 40]], "non_priv')  # cut off mid-write by a disk failure
+    result = _fedseg("site", "site", "--data", str(tiny_site), "--server", f"127.0.0.1:{free_port()}", "--ca-cert", "ca.crt", cwd=tmp_path)
+    assert result.returncode != 0 and "cannot start" in result.stderr
+    assert "corrupt" in result.stderr and "It is not reset" in result.stderr and str(ledger.name) in result.stderr
+    assert ledger.read_text().endswith('"non_priv')  # left exactly as found, for the privacy officer
+    assert not (tmp_path / "site" / "logs").exists()

@@ -5,8 +5,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEGLossless, RLELossless, generate_uid
 
-from common.dicom_io import load_site_series, read_dicom, read_series, voxel_to_patient
+from common.dicom_io import load_site_series, read_dicom, read_pixels, read_series, voxel_to_patient
 from tests.conftest import CLASSES
 from tests.dicom_factory import blob_volume, write_seg, write_series
 
@@ -50,20 +52,90 @@ def test_nifti_mask_from_manifest_is_resampled_onto_the_series(tmp_path):
     assert labelled.label_source.startswith("NIfTI")
 
 
-def test_bad_files_are_named_and_good_series_still_load(tmp_path):
-    image, mask = blob_volume()
-    datasets = write_series(tmp_path / "site" / "good", image)
-    write_seg(tmp_path / "site" / "good-seg.dcm", datasets, mask, ["Organ", "Lesion"])
-    (tmp_path / "site" / "readme.bin").write_bytes(b"not dicom at all")
-    shutil.copy(get_testdata_file("rtplan.dcm"), tmp_path / "site" / "plan.dcm")
-    write_series(tmp_path / "site" / "unlabelled", image, patient="P2")
-    labelled, report = load_site_series(tmp_path / "site", CLASSES)
-    assert len(labelled) == 1
-    reasons = {s["path"].split("/")[-1] if "/" in s["path"] else s["path"]: s["reason"] for s in report.skipped}
-    assert "not a readable DICOM" in reasons["readme.bin"]
-    assert "not a cross-sectional image" in reasons["plan.dcm"]
-    assert any("no label" in s["reason"] for s in report.skipped)
-    assert "1 labelled series used" in report.format()
+# pydicom's own test files, copied verbatim into a site folder: what a PACS export drags along.
+PYDICOM_BAD = {
+    "rtplan.dcm": "not a cross-sectional image: RT Plan Storage",
+    "ExplVR_LitEndNoMeta.dcm": "not a cross-sectional image: RT Ion Plan Storage",  # no preamble, no meta
+    "rtstruct.dcm": "not a cross-sectional image: RT Structure Set Storage",
+    "reportsi.dcm": "not a cross-sectional image: Basic Text SR Storage",
+    "waveform_ecg.dcm": "not a cross-sectional image: 12-lead ECG Waveform Storage",
+    "rtdose.dcm": "multi-frame/enhanced object (15 frames)",
+    "examples_rgb_color.dcm": "not a cross-sectional image: Ultrasound Image Storage",
+    "rtplan_truncated.dcm": "not a cross-sectional image: RT Plan Storage",
+}
+
+
+def _labelled(folder, patient, seed, **series_options):
+    image, mask = blob_volume(seed=seed)
+    datasets = write_series(folder / patient, image, patient=patient, seed=seed, **series_options)
+    write_seg(folder / f"{patient}-seg.dcm", datasets, mask, ["Organ", "Lesion"])
+    return image, mask, datasets
+
+
+def test_a_corpus_of_bad_dicom_loads_with_every_bad_file_named_and_every_good_series_used(tmp_path):
+    site = tmp_path / "site"
+    good_image, good_mask, _ = _labelled(site, "good", 0)
+    mono1_image, _, _ = _labelled(site, "mono1", 1, photometric="MONOCHROME1")
+    rle_image, _, _ = _labelled(site, "rle", 2, transfer_syntax=RLELossless)
+    for name in PYDICOM_BAD:
+        shutil.copy(get_testdata_file(name, download=False), site / name)
+    shutil.copy(get_testdata_file("MR_truncated.dcm", download=False), site / "MR_truncated.dcm")  # pixel data cut short
+    (site / "readme.bin").write_bytes(b"not dicom at all")
+    _, _, cut = _labelled(site, "cut", 3)
+    one = next((site / "cut").iterdir())
+    one.write_bytes(one.read_bytes()[:-100])  # a copy interrupted mid-file: the series is unusable, and says which file
+    _, _, spacing = _labelled(site, "spacing", 4)
+    odd = read_dicom(next((site / "spacing").iterdir()))
+    odd.PixelSpacing = [0.7, 0.7]
+    odd.save_as(next((site / "spacing").iterdir()), enforce_file_format=False)
+    _labelled(site, "gap", 5)
+    sorted((site / "gap").iterdir())[2].unlink()  # a missing slice
+    image, mask = blob_volume(seed=6)
+    orphan = write_series(tmp_path / "elsewhere", image, patient="orphan")
+    write_seg(site / "orphan-seg.dcm", orphan, mask, ["Organ", "Lesion"])  # its images are not at this site
+    empty = write_series(site / "empty", image, patient="empty")
+    write_seg(site / "empty-seg.dcm", empty, np.zeros_like(mask), ["Organ", "Lesion"])
+    jpeg = read_dicom(next((site / "good").iterdir()))
+    jpeg.SeriesInstanceUID = jpeg.SOPInstanceUID = generate_uid()
+    jpeg.PixelData = encapsulate([b"\xff\xd8 lossless JPEG this machine cannot decode \xff\xd9"])
+    jpeg["PixelData"].VR, jpeg["PixelData"].is_undefined_length = "OB", True
+    jpeg.file_meta.TransferSyntaxUID = JPEGLossless
+    jpeg.save_as(site / "jpeg-lossless.dcm", enforce_file_format=True)
+    write_series(site / "unlabelled", image, patient="unlabelled")
+
+    labelled, report = load_site_series(site, CLASSES)
+
+    used = {ls.series.patient_id: ls for ls in labelled}
+    assert set(used) == {"good", "mono1", "rle"}
+    np.testing.assert_allclose(used["good"].series.volume, good_image, atol=0.5)
+    np.testing.assert_array_equal(used["good"].mask, good_mask)
+    np.testing.assert_allclose(used["rle"].series.volume, rle_image, atol=0.5)  # decoded by pydicom's RLE decoder
+    np.testing.assert_allclose(used["mono1"].series.volume, 65535 - np.rint(mono1_image), atol=0.5)  # 16 bits stored
+    assert used["mono1"].series.notes == ["MONOCHROME1, inverted to MONOCHROME2"]
+
+    reasons = {s["path"]: s["reason"] for s in report.skipped}
+    def reason(fragment: str) -> str:
+        hits = [r for p, r in reasons.items() if fragment in p]
+        assert len(hits) == 1, (fragment, reasons)
+        return hits[0]
+    for name, expected in PYDICOM_BAD.items():
+        assert expected in reason(f"/{name}"), (name, reason(f"/{name}"))
+    assert "not a readable DICOM" in reason("readme.bin")
+    assert any("MR_truncated.dcm: pixel data unreadable" in r for r in reasons.values()), reasons
+    assert f"{one.name}: pixel data unreadable" in reason(f"series {cut[0].SeriesInstanceUID}")
+    assert "different pixel spacings" in reason(f"series {spacing[0].SeriesInstanceUID}")
+    assert "slice spacing is not uniform" in reason(f"series {read_dicom(next((site / 'gap').iterdir())).SeriesInstanceUID}")
+    assert "which is not in the folder" in reason("orphan-seg.dcm")
+    assert "mask is empty" in reason("empty-seg.dcm")
+    assert "JPEG Lossless" in reason(f"series {jpeg.SeriesInstanceUID}") and "pylibjpeg" in reason(f"series {jpeg.SeriesInstanceUID}")
+    assert "no label" in reason("patient unlabelled")
+    assert "3 labelled series used" in report.format()
+
+
+@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_bigendian.dcm"])
+def test_compressed_and_big_endian_images_decode_to_the_same_values(name):
+    reference = read_pixels(get_testdata_file("MR_small.dcm", download=False))
+    np.testing.assert_array_equal(read_pixels(get_testdata_file(name, download=False)), reference)
 
 
 def test_site_without_usable_labels_fails_with_a_clear_message(tmp_path):

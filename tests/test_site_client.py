@@ -16,14 +16,7 @@ from common.model import build_model
 from common.parameters import to_arrays
 from server.server_app import SITE_KEYS
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Messages are stamped with the run/task they belong to; Flower's runtimes set this, so do we."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-
-
+pytestmark = pytest.mark.usefixtures("task_identity")
 SETTINGS = {"image-size": 32, "local-epochs": 1, "num-server-rounds": 3, "batch-size": 8, "target-epsilon": 4.0}
 
 
@@ -107,8 +100,9 @@ def test_server_records_a_refusing_site_and_aggregates_the_others(tiny_site, tmp
 
     ok = _call(tiny_site, tmp_path / "a", MessageType.TRAIN, name="north")
     refused = _call(tiny_site, tmp_path / "b", MessageType.TRAIN, budget=0.5, name="south")
-    record = RunRecord(tmp_path / "run", run_config())
+    record = RunRecord(tmp_path / "run", run_config({"min-sites": 1}))
     strategy = FederationStrategy(FedAvg(min_train_nodes=1), record, progress=lambda _: None)
+    strategy.sent = {k: v.numpy() for k, v in ok.content["arrays"].items()}  # the global model's names, shapes, dtypes
     arrays, _ = strategy.aggregate_train(1, [ok, refused])
     aggregated = arrays.to_torch_state_dict()
     for key, value in ok.content["arrays"].to_torch_state_dict().items():
@@ -117,3 +111,25 @@ def test_server_records_a_refusing_site_and_aggregates_the_others(tiny_site, tmp
     assert sites["north"]["status"] == "ok" and sites["south"]["status"] == "budget_exhausted"
     assert "budget" in sites["south"]["reason"]
     assert (tmp_path / "run" / "checkpoints" / "global_model-round001.pt").is_file()
+
+
+def test_two_runs_on_the_same_data_take_turns_on_the_ledger(tmp_path):
+    """Run A holds the ledger from budget check to write; run B, waiting, then sees A's spending."""
+    import threading
+
+    first = PrivacyLedger(tmp_path, "abc", "north")
+    seen = []
+    with first.locked():
+        second = PrivacyLedger(tmp_path, "abc", "north")
+
+        def other_run():
+            with second.locked():
+                seen.append(list(second.history))
+
+        waiting = threading.Thread(target=other_run)
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive() and not seen  # blocked while run A trains
+        first.record_round([(1.0, 0.1, 10)], 1e-5, "run-a", 1, private=True)
+    waiting.join(timeout=10)
+    assert seen == [[(1.0, 0.1, 10)]]  # re-read under the lock: A's steps count against B's budget

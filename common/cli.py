@@ -188,7 +188,8 @@ def _site(args: argparse.Namespace) -> int:
 
     folder = SiteFolder(Path(args.site_dir))
     name = args.name or folder.root.resolve().name
-    site = SiteConfig(name, str(Path(args.data).resolve()), str(folder.ledger_dir.resolve()), args.epsilon_budget)
+    data = _local_data(args.data, folder.root / "pacs")
+    site = SiteConfig(name, str(data.resolve()), str(folder.ledger_dir.resolve()), args.epsilon_budget)
     if args.insecure:
         print("WARNING: --insecure: no TLS and no site authentication. Local tests only.", flush=True)
     elif not args.ca_cert:
@@ -198,6 +199,64 @@ def _site(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, LedgerError) as err:
         raise SystemExit(f"site {name} cannot start: {err}") from err
     return run_site(folder, site, args.server, None if args.insecure else Path(args.ca_cert), args.runtime_port, args.threads, args.verbose)
+
+
+def _local_data(source: str, cache: Path, study: str | None = None) -> Path:
+    """A folder as given, or a DICOMweb URL pulled into the site's `cache` folder first."""
+    from common.dicomweb import is_dicomweb, pull
+
+    if not is_dicomweb(source):
+        return Path(source)
+    try:
+        return pull(source, cache, study)
+    except ConnectionError as err:
+        raise SystemExit(str(err)) from err
+
+
+def _pull(args: argparse.Namespace) -> int:
+    _local_data(args.url, Path(args.folder), args.study)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from client.predict import predict_folder
+    from common.model import load_global_model, pick_device
+
+    try:
+        global_model = load_global_model(args.model)
+    except (FileNotFoundError, KeyError, RuntimeError) as err:
+        raise SystemExit(f"cannot load the global model from {args.model}: {err}") from err
+    device = torch.device(args.device) if args.device else pick_device()
+    print(f"global model {global_model.path} (round {global_model.round}, sha256 {global_model.sha256[:16]}) on {device}", flush=True)
+    source = _local_data(args.source, Path(args.out) / "pacs", args.study)
+    try:
+        results, report = predict_folder(global_model, source, Path(args.out), device, args.nifti, not args.no_png)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(str(err)) from err
+    if args.store:
+        from common.dicomweb import push
+
+        try:
+            print(f"stored {push(args.store, [r.seg for r in results])} DICOM-SEG objects on {args.store}")
+        except ConnectionError as err:
+            raise SystemExit(str(err)) from err
+    if report.skipped:
+        print("\n".join(f"  skipped {s['path']}: {s['reason']}" for s in report.skipped))
+    print(f"{len(results)} series segmented; DICOM-SEG{' + NIfTI' if args.nifti else ''}{'' if args.no_png else ' + PNG'} under {args.out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from server.report import write_report
+    from simulations.simulate import site_folders
+
+    if not (Path(args.run_dir) / "history.json").is_file():
+        raise SystemExit(f"{args.run_dir} holds no run (no history.json)")
+    sites = site_folders(Path(args.data_root)) if args.data_root else []
+    print(f"report: {write_report(args.run_dir, sites)}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     site = sub.add_parser("site", help="hospital IT: check this site's data, then connect to the server and train")
     site.add_argument("site_dir", help="site folder: site.key, privacy_ledger/, logs/")
-    site.add_argument("--data", required=True, help="the site's DICOM (+ DICOM-SEG / NIfTI masks) folder")
+    site.add_argument("--data", required=True, help="the site's DICOM (+ DICOM-SEG / NIfTI masks) folder, or its PACS' "
+                                                  "DICOMweb URL (pulled into SITE_DIR/pacs first)")
     site.add_argument("--server", required=True, help="the aggregation server, HOST:PORT")
     site.add_argument("--ca-cert", help="the federation's ca.crt, from the coordinator")
     site.add_argument("--name", help="site name (default: the site folder's name)")
@@ -275,6 +335,30 @@ def build_parser() -> argparse.ArgumentParser:
                       help="CPU threads for training (default: all cores; use 1 when several sites share one machine)")
     site.add_argument("--insecure", action="store_true", help="no TLS, no authentication: local tests only")
     site.set_defaults(func=_site)
+
+    predict = sub.add_parser("predict", help="site: segment DICOM series with a global model; write DICOM-SEG (+ NIfTI, PNG)")
+    predict.add_argument("model", help="global_model.pt, or a run folder holding one")
+    predict.add_argument("source", help="a folder of DICOM (one series, a study, or many studies), or a DICOMweb URL "
+                                        "(e.g. http://pacs:8042/dicom-web), pulled into OUT/pacs first")
+    predict.add_argument("--study", help="with a DICOMweb source: only this StudyInstanceUID")
+    predict.add_argument("--store", metavar="URL", help="store the DICOM-SEGs on this DICOMweb server (STOW-RS)")
+    predict.add_argument("--out", required=True, help="output folder: OUT/<patient>/<series uid>.seg.dcm (+ .nii.gz, .png)")
+    predict.add_argument("--nifti", action="store_true", help="also write each mask as NIfTI")
+    predict.add_argument("--no-png", action="store_true", help="skip the PNG quick look")
+    predict.add_argument("--device", help="cpu or cuda (default: the GPU when there is one)")
+    predict.set_defaults(func=_predict)
+
+    pull = sub.add_parser("pull", help="site: copy studies from the hospital's DICOMweb server (PACS) into a local folder")
+    pull.add_argument("url", help="DICOMweb root, e.g. http://pacs:8042/dicom-web")
+    pull.add_argument("folder", help="local folder (a site data folder); instances already there are not fetched again")
+    pull.add_argument("--study", help="only this StudyInstanceUID")
+    pull.set_defaults(func=_pull)
+
+    report = sub.add_parser("report", help="anyone: an HTML page with the run's plots and final table")
+    report.add_argument("run_dir")
+    report.add_argument("--data-root", help="site folders (one per subfolder) to draw predictions on validation slices; "
+                                            "only where the data is (a simulation, or at a site)")
+    report.set_defaults(func=_report)
     return parser
 
 

@@ -26,7 +26,7 @@ from monai.transforms import (
     ScaleIntensityRangePercentiles,
 )
 
-from common.dicom_io import LabelledSeries, LoadReport, load_site_series
+from common.dicom_io import LabelledSeries, LoadReport, Series, load_site_series
 
 CT_WINDOW = (-160.0, 240.0)  # abdominal soft-tissue window, HU
 
@@ -60,14 +60,20 @@ def normalise(volume: np.ndarray, modality: str) -> np.ndarray:
     return np.asarray(scale(volume), dtype=np.float32)
 
 
+def prepare_image(series: Series, size: int) -> np.ndarray:
+    """What the model sees of a series, in training and in prediction alike: windowed/normalised,
+    each slice resampled to size x size. [slices, 1, size, size] float32."""
+    image = Resize((size, size), mode="bilinear", anti_aliasing=True)(normalise(series.volume, series.modality))
+    return np.asarray(image, dtype=np.float32)[:, None]
+
+
 def preprocess(ls: LabelledSeries, size: int) -> Volume:
-    """Window/normalise, then resample each slice to size x size (masks by nearest neighbour)."""
+    """The image as the model sees it, and the mask resampled with it (nearest neighbour)."""
     s = ls.series
-    image = Resize((size, size), mode="bilinear", anti_aliasing=True)(normalise(s.volume, s.modality))
     mask = Resize((size, size), mode="nearest")(ls.mask.astype(np.float32))
     rows, cols = s.volume.shape[1:]
     spacing = (s.spacing[0], s.spacing[1] * rows / size, s.spacing[2] * cols / size)
-    return Volume(s.patient_id, np.asarray(image, dtype=np.float32)[:, None], np.asarray(mask).astype(np.uint8), spacing)
+    return Volume(s.patient_id, prepare_image(s, size), np.asarray(mask).astype(np.uint8), spacing)
 
 
 def split_patients(patients: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:

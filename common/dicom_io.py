@@ -41,8 +41,7 @@ class Series:
     origin: np.ndarray  # ImagePositionPatient of the first slice
     orientation: np.ndarray  # 6 direction cosines (row direction, column direction)
     normal: np.ndarray
-
-
+    paths: list[Path] = field(default_factory=list)  # the slice files, in slice order
     notes: list[str] = field(default_factory=list)
 
 
@@ -192,6 +191,7 @@ def read_series(files: Sequence[tuple[Path, pydicom.Dataset]]) -> Series:
         origin=np.asarray(headers[order[0]].ImagePositionPatient, dtype=float),
         orientation=orientation,
         normal=normal,
+        paths=[files[i][0] for i in order],
         notes=notes,
     )
 
@@ -269,12 +269,10 @@ def _manifest(folder: Path, report: LoadReport) -> dict[str, Path]:
     return masks
 
 
-def load_site_series(folder: str | Path, class_names: Sequence[str]) -> tuple[list[LabelledSeries], LoadReport]:
-    """Every labelled series under `folder`, with a report; raises if none is usable."""
-    folder = Path(folder)
-    report = LoadReport(folder=str(folder))
+def load_series(folder: Path, report: LoadReport) -> tuple[dict[str, Series], list[tuple[Path, pydicom.Dataset]]]:
+    """Every usable image series under `folder` (by SeriesInstanceUID) and the SEG headers found."""
     if not folder.is_dir():
-        raise FileNotFoundError(f"site data folder {folder} does not exist")
+        raise FileNotFoundError(f"data folder {folder} does not exist")
     images, segs = _scan_headers(folder, report)
     series_by_uid: dict[str, Series] = {}
     for uid, files in images.items():
@@ -282,6 +280,14 @@ def load_site_series(folder: str | Path, class_names: Sequence[str]) -> tuple[li
             series_by_uid[uid] = read_series(files)
         except Exception as err:
             report.skip(f"series {uid} ({len(files)} files under {files[0][0].parent})", str(err) if isinstance(err, ValueError) else _problem(err))
+    return series_by_uid, segs
+
+
+def load_site_series(folder: str | Path, class_names: Sequence[str]) -> tuple[list[LabelledSeries], LoadReport]:
+    """Every labelled series under `folder`, with a report; raises if none is usable."""
+    folder = Path(folder)
+    report = LoadReport(folder=str(folder))
+    series_by_uid, segs = load_series(folder, report)
     labelled: dict[str, LabelledSeries] = {}
     for path, ds in segs:
         refs = ds.get("ReferencedSeriesSequence", [])

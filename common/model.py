@@ -6,6 +6,11 @@ activations (they break Opacus' backward hooks), interpolation + conv instead of
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import torch
 from monai.networks.nets import BasicUNet
 
@@ -29,3 +34,30 @@ def build_model(num_classes: int) -> torch.nn.Module:
 def pick_device() -> torch.device:
     """The site's GPU when it has one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    """A global-model checkpoint ready to segment: the network, its run config, and what identifies it."""
+
+    model: torch.nn.Module
+    config: dict[str, Any]
+    round: int
+    sha256: str
+    path: Path
+
+
+def load_global_model(path: str | Path) -> GlobalModel:
+    """A checkpoint written by the server (a file, or a run folder's global_model.pt); loads without
+    unpickling code, and its hash names the exact weights in every output."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "global_model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no global model checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    config = dict(state["config"])
+    names = [c for c in str(config["classes"]).split(",") if c.strip()]
+    model = build_model(len(names) + 1)
+    model.load_state_dict(state["state_dict"])
+    return GlobalModel(model.eval(), config, int(state["round"]), hashlib.sha256(path.read_bytes()).hexdigest(), path)

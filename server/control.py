@@ -109,6 +109,10 @@ def start_run(folder: ServerFolder, run_config: dict[str, Any], verbose: bool = 
           f"{traffic['total-bytes'] / 1e6:.1f} MB exchanged, ClientApp compute {compute['clientapp-seconds']:.0f} s "
           f"(all sites), ServerApp {compute['serverapp-seconds']:.0f} s", flush=True)
     outcome = run_status(run_dir)
+    if outcome:
+        from server.report import write_report
+
+        print(f"report: {write_report(run_dir)}", flush=True)
     if outcome != "completed":
         print(f"the run's own record says: {outcome or 'no history.json'}" + (f"; continue it with: fedseg run {folder.root} --resume {run_config['run-dir']}" if outcome else ""))
     return 0 if status["status"].endswith("completed") and outcome == "completed" else 1

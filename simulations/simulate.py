@@ -28,6 +28,7 @@ def run_simulation(sites: list[str], run_dir: Path, overrides: dict[str, Any], e
     from flwr.simulation import run_simulation as flower_run_simulation
 
     from client.client_app import build_client_app, simulated_sites
+    from server.report import write_report
     from server.run_record import run_status
     from simulations.faults import fault_mod
     from server.server_app import build_server_app
@@ -46,6 +47,8 @@ def run_simulation(sites: list[str], run_dir: Path, overrides: dict[str, Any], e
         backend_config=backend,
     )
     status = run_status(run_dir)
+    if status:
+        print(f"report: {write_report(run_dir, sites)}")
     if status != "completed":
         raise SystemExit(f"the simulation did not complete (run status: {status or 'no history.json'}); see the log above"
                          + (f"; continue it with --resume {run_dir}" if status else ""))

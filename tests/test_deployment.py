@@ -204,6 +204,7 @@ def test_sites_train_over_tls_through_a_dead_hospital_and_a_server_crash_while_i
         assert "round 2: " in sites[name].output()  # each hospital's console shows its own rounds
     assert not list((root / "hospital-c" / "privacy_ledger").glob("*.json"))  # died before spending anything
     assert "foreground Dice" in resume.output() and "hospital-a" in resume.output()
+    assert (run_dir / "report.html").is_file() and "report: " in resume.output()  # the coordinator's report, no images
 
 
 def test_site_with_no_usable_data_fails_at_start(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,23 @@ def _simulate(tmp_path: Path, *args: str) -> dict:
     assert "foreground Dice" in proc.stdout  # the summary table reached the terminal
     for name in ("history.json", "summary.md", "global_model.pt", "checkpoints/global_model-round002.pt"):
         assert (run_dir / name).is_file(), name
-    return json.loads((run_dir / "history.json").read_text())
+    history = json.loads((run_dir / "history.json").read_text())
+    _check_report(run_dir, history)
+    return history
+
+
+def _check_report(run_dir: Path, history: dict) -> None:
+    """The report a simulation leaves: every picture it links exists and is a real PNG; every site
+    is in its table; the overlays of predictions on validation slices are there."""
+    page = (run_dir / "report.html").read_text()
+    images = re.findall(r'src="(report/[^"]+)"', page)
+    assert {Path(i).name for i in images} == {"dice.png", "epsilon.png", "train_loss.png", "durations.png", "participation.png", "overlays.png"}
+    for image in images:
+        data = (run_dir / image).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5_000, image
+    for site in history["rounds"][-1]["sites"]:
+        assert f"<td>{site}</td>" in page
+    assert f"{history['rounds'][-1]['dice']:.3f}" in page  # the headline is the run's final Dice
 
 
 def _check_history(history: dict, sites: set[str], target_epsilon: float, rounds_run: int = 2) -> None:

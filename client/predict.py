@@ -1,0 +1,91 @@
+"""`fedseg predict`: a global model applied to a hospital's series, written as DICOM-SEG a viewer and a
+PACS take (referencing the source series, with the algorithm and exact checkpoint named), plus
+optional NIfTI and a PNG quick look. Runs at the site: images never leave it."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import torch
+from pydicom.sr.codedict import codes
+
+from common.config import class_names
+from common.dataset import normalise
+from common.dicom_io import LoadReport, Series, load_series, read_dicom, voxel_to_patient
+from common.inference import segment_series
+from common.model import GlobalModel
+from common.overlays import draw_overlays, most_labelled_slices
+from common.seg_writer import write_seg
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass
+class Prediction:
+    series: Series
+    mask: np.ndarray
+    seg: Path
+    nifti: Path | None
+    png: Path | None
+
+
+def algorithm(global_model: GlobalModel) -> hd.AlgorithmIdentificationSequence:
+    """Who made the mask: fedseg's version, the round and the checkpoint's SHA-256 (in the SEG)."""
+    try:
+        software = version("fedseg")
+    except PackageNotFoundError:
+        software = "unknown"
+    return hd.AlgorithmIdentificationSequence(
+        name="fedseg U-Net", family=codes.cid7162.ArtificialIntelligence,
+        version=f"fedseg {software}, round {global_model.round}, sha256 {global_model.sha256[:16]}",
+        source="federated, differentially private training (Flower, Opacus)",
+        parameters={"checkpoint_sha256": global_model.sha256, "image_size": str(global_model.config["image-size"])})
+
+
+def write_nifti(series: Series, mask: np.ndarray, path: Path) -> Path:
+    """Class indices in the series' own grid; the affine maps (slice, row, col) to RAS millimetres."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), LPS_TO_RAS @ voxel_to_patient(series)), str(path))
+    return path
+
+
+def write_quick_look(series: Series, mask: np.ndarray, names: list[str], path: Path, slices: int = 8) -> Path:
+    image = normalise(series.volume, series.modality)
+    panels = [(image[k], mask[k], f"slice {k + 1}/{len(mask)}") for k in most_labelled_slices(mask, slices)]
+    return draw_overlays(panels, names, path, f"patient {series.patient_id} - {series.modality} series ...{series.uid[-12:]}")
+
+
+def _folder_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text) or "unknown"
+
+
+def predict_folder(global_model: GlobalModel, source: Path, out: Path, device: torch.device,
+                   nifti: bool = False, png: bool = True, progress=print) -> tuple[list[Prediction], LoadReport]:
+    """Segment every image series under `source` (one study or a folder of studies)."""
+    report = LoadReport(folder=str(source))
+    series_by_uid, _ = load_series(source, report)
+    if not series_by_uid:
+        raise ValueError(f"no usable image series under {source}\n{report.format()}")
+    names = class_names(global_model.config)
+    algo = algorithm(global_model)
+    results = []
+    started = time.time()
+    for done, series in enumerate(sorted(series_by_uid.values(), key=lambda s: (s.patient_id, s.uid)), start=1):
+        mask = segment_series(global_model.model, series, int(global_model.config["image-size"]), device)
+        folder = out / _folder_name(series.patient_id)
+        seg = folder / f"{series.uid}.seg.dcm"
+        write_seg([read_dicom(p) for p in series.paths], mask, names, seg, algorithm=algo)
+        results.append(Prediction(series, mask, seg,
+                                  write_nifti(series, mask, folder / f"{series.uid}.nii.gz") if nifti else None,
+                                  write_quick_look(series, mask, names, folder / f"{series.uid}.png") if png else None))
+        share = ", ".join(f"{names[c]} {int((mask == c).sum())} px" for c in range(1, len(names)))
+        progress(f"[{done}/{len(series_by_uid)}] patient {series.patient_id}: {len(mask)} slices -> {seg} ({share}); "
+                 f"{time.time() - started:.1f} s so far")
+    return results, report

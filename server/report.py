@@ -1,0 +1,180 @@
+"""`fedseg report RUN_DIR`: one HTML page that shows a run at a glance: Dice, ε, loss and round time per
+site and round, who dropped out or was rejected, the final table, and (when the data is at hand, as in
+a simulation) the global model's masks on a few validation slices."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from common.config import class_names  # noqa: E402
+from common.metrics import class_metrics, foreground_dice  # noqa: E402
+from common.model import load_global_model  # noqa: E402
+from common.overlays import draw_overlays, most_labelled_slices  # noqa: E402
+
+STATUS_COLOURS = {"ok": "#2ca02c", "rejected": "#d62728", "budget_exhausted": "#ff7f0e", "train_failed": "#7f7f7f",
+                  "evaluate_failed": "#7f7f7f", "no_reply": "#000000"}
+
+
+def _number(value: Any) -> float:
+    """history.json writes NaN as null and ∞ as "inf"."""
+    if value is None:
+        return math.nan
+    return float(value)
+
+
+def _series(history: dict, key: str) -> dict[str, tuple[list[int], list[float]]]:
+    """Per site: the rounds that have `key`, and its values."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for r in history["rounds"]:
+        for site, entry in r["sites"].items():
+            if key in entry:
+                rounds, values = out.setdefault(site, ([], []))
+                rounds.append(r["round"])
+                values.append(_number(entry[key]))
+    return out
+
+
+def _line_plot(history: dict, key: str, title: str, ylabel: str, path: Path, aggregate: str | None = None,
+               target: float | None = None) -> Path:
+    fig, ax = plt.subplots(figsize=(5.2, 3.4), layout="constrained")
+    for site, (rounds, values) in sorted(_series(history, key).items()):
+        ax.plot(rounds, values, marker="o", markersize=3, label=site)
+    if aggregate:
+        done = [r for r in history["rounds"] if aggregate in r]
+        ax.plot([r["round"] for r in done], [_number(r[aggregate]) for r in done], color="black", linewidth=2.2, label="all sites")
+    if target is not None and math.isfinite(target):
+        ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
+    ax.set(title=title, xlabel="round", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _durations(history: dict, path: Path) -> Path:
+    rounds = [r for r in history["rounds"] if "duration_s" in r]
+    fig, ax = plt.subplots(figsize=(5.2, 3.4), layout="constrained")
+    ax.bar([r["round"] for r in rounds], [_number(r["duration_s"]) for r in rounds], color="#1f77b4")
+    ax.set(title="round wall time", xlabel="round", ylabel="seconds")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _participation(history: dict, path: Path) -> Path:
+    """Rounds × sites, coloured by what each site's training did: dropouts and rejections stand out."""
+    sites = sorted({s for r in history["rounds"] for s in r["sites"]})
+    rounds = [r for r in history["rounds"] if r["round"] > 0]
+    fig, ax = plt.subplots(figsize=(5.2, 0.6 + 0.45 * max(1, len(sites))), layout="constrained")
+    for x, r in enumerate(rounds):
+        for y, site in enumerate(sites):
+            status = r["sites"].get(site, {}).get("status", "absent")
+            ax.add_patch(plt.Rectangle((x, y), 0.92, 0.85, color=STATUS_COLOURS.get(status, "#dddddd")))
+    ax.set_xlim(0, max(1, len(rounds)))
+    ax.set_ylim(0, max(1, len(sites)))
+    ax.set_xticks([x + 0.46 for x in range(len(rounds))], [str(r["round"]) for r in rounds])
+    ax.set_yticks([y + 0.42 for y in range(len(sites))], sites)
+    ax.set(title="training per round: who took part", xlabel="round")
+    seen = {s.get("status", "absent") for r in rounds for s in r["sites"].values()}
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for s, c in STATUS_COLOURS.items() if s in seen]
+    ax.legend(handles, [s for s in STATUS_COLOURS if s in seen], fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _overlays(run_dir: Path, site_dirs: Sequence[str], path: Path, per_site: int = 2) -> Path | None:
+    """Truth and prediction side by side on the validation slices of each site with the most foreground."""
+    from client.client_app import SiteConfig, site_data
+
+    global_model = load_global_model(run_dir)
+    names = class_names(global_model.config)
+    panels = []
+    for folder in site_dirs:
+        data = site_data(SiteConfig(Path(folder).name, folder, "", math.inf), global_model.config)
+        if not data.validation:
+            continue
+        volume = data.validation[0]
+        with torch.no_grad():
+            pred = global_model.model(torch.as_tensor(volume.image)).argmax(dim=1).numpy()
+        dice = foreground_dice(class_metrics(pred, volume.mask, len(names), volume.spacing)["dice"])
+        for k in most_labelled_slices(volume.mask, per_site):
+            panels.append((volume.image[k, 0], volume.mask[k], f"{volume.patient_id} truth"))
+            panels.append((volume.image[k, 0], pred[k], f"prediction (volume Dice {dice:.2f})"))
+    if not panels:
+        return None
+    return draw_overlays(panels, names, path, f"global model round {global_model.round} on validation patients", columns=4)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    """A table cell: undefined (a class absent from the truth, a site that did not report) is a dash."""
+    number = _number(value)
+    return "–" if math.isnan(number) else format(number, spec)
+
+
+def _table(history: dict) -> str:
+    last = next((r for r in reversed(history["rounds"]) if "dice" in r), {"sites": {}, "round": "-"})
+    rows = []
+    for site, s in sorted(last["sites"].items()):
+        cells = [site, s.get("status", "-"), _fmt(s.get("val_dice"), ".3f"),
+                 " / ".join(_fmt(d, ".3f") for d in s.get("val_dice_per_class", [])) or "–",
+                 _fmt(s.get("val_hd95_mm"), ".1f"), _fmt(s.get("epsilon"), ".2f"), str(s.get("examples", "–"))]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    classes = " / ".join(class_names(history["config"])[1:])
+    head = "".join(f"<th>{h}</th>" for h in ("site", "training status", "val Dice", f"Dice {classes}", "HD95 (mm)", "ε spent", "train slices"))
+    return f"<p>Final round: {last['round']}</p><table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def write_report(run_dir: str | Path, site_dirs: Sequence[str] = ()) -> Path:
+    """RUN_DIR/report.html and its PNGs (RUN_DIR/report/); overlays only when `site_dirs` are given."""
+    run_dir = Path(run_dir)
+    history = json.loads((run_dir / "history.json").read_text())
+    config = history["config"]
+    folder = run_dir / "report"
+    folder.mkdir(exist_ok=True)
+    target = _number(config.get("target-epsilon"))
+    plots = [
+        _line_plot(history, "val_dice", "validation Dice (foreground mean)", "Dice", folder / "dice.png", aggregate="dice"),
+        _line_plot(history, "epsilon", f"privacy spent (δ = {config.get('delta')})", "ε", folder / "epsilon.png", target=target),
+        _line_plot(history, "train_loss", "training loss (Dice + CE)", "loss", folder / "train_loss.png"),
+        _durations(history, folder / "durations.png"),
+        _participation(history, folder / "participation.png"),
+    ]
+    overlay = _overlays(run_dir, site_dirs, folder / "overlays.png") if site_dirs else None
+    done = [r for r in history["rounds"] if "dice" in r]
+    final = _number(done[-1]["dice"]) if done else math.nan
+    dp = "off" if not math.isfinite(target) and _number(config.get("noise-multiplier")) <= 0 else f"target ε {target:g}"
+    headline = (f"status <b>{html.escape(str(history.get('status', '?')))}</b>; {len(done) - 1 if done else 0} of "
+                f"{config.get('num-server-rounds')} rounds; final foreground Dice <b>{final:.3f}</b> "
+                f"(round 0: {_number(done[0]['dice']) if done else math.nan:.3f}); strategy {html.escape(str(config.get('strategy')))}; "
+                f"DP {dp}; wall time {_number(history.get('wall_time_s')):.0f} s")
+    events = "".join(f"<li>{html.escape(e['event'])}</li>" for e in history.get("events", []))
+    images = "".join(f'<img src="report/{p.name}" alt="{p.stem}">' for p in plots)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fedseg run {html.escape(run_dir.name)}</title>
+<style>body{{font-family:sans-serif;margin:1.5em;max-width:1200px}} img{{max-width:49%;margin:2px}}
+table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} td:first-child{{text-align:left}}</style>
+</head><body><h1>fedseg run {html.escape(run_dir.name)}</h1><p>{headline}</p>
+{images}
+<h2>Sites, final round</h2>{_table(history)}
+{"<h2>Events</h2><ul>" + events + "</ul>" if events else ""}
+{f'<h2>Predictions on validation patients</h2><img style="max-width:100%" src="report/{overlay.name}" alt="overlays">' if overlay else ""}
+</body></html>"""
+    path = run_dir / "report.html"
+    path.write_text(page)
+    return path

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,15 +88,18 @@ def build_client_app(site_for: Any = SiteConfig.from_node_config, mods: list | N
         ledger = PrivacyLedger(site.ledger_dir, data.fingerprint, site.name)
         model = build_model(len(class_names(config)))
         load_arrays(model, msg.content["arrays"])
-        metrics = {"num-examples": 0, "train-loss": math.nan, "epsilon": ledger.epsilon(settings.delta), "steps": 0, "noise-multiplier": 0.0}
+        metrics = {"num-examples": 0, "train-loss": math.nan, "epsilon": ledger.epsilon(settings.delta), "steps": 0, "noise-multiplier": 0.0, "seconds": 0.0}
         try:
             with ledger.locked():
+                started = time.perf_counter()
                 result = train_round(model, data, settings, ledger, site.epsilon_budget, pick_device(), str(context.run_id))
+                seconds = time.perf_counter() - started
         except BudgetExhausted as refusal:
             log.warning("%s: %s", site.name, refusal)
             return _reply(msg, site, "budget_exhausted", metrics, reason=str(refusal))
         metrics.update({"num-examples": len(data.train_images), "train-loss": result.train_loss, "epsilon": result.epsilon,
-                        "steps": result.steps, "noise-multiplier": result.noise_multiplier})
+                        "steps": result.steps, "noise-multiplier": result.noise_multiplier,
+                        "seconds": seconds})
         log.info("%s round %d: %d %s steps (noise multiplier %.2f), train loss %.3f, ε spent %.2f of budget %g",
                  site.name, settings.server_round, result.steps, "DP-SGD" if settings.private else "non-private SGD",
                  result.noise_multiplier, result.train_loss, result.epsilon, site.epsilon_budget)
@@ -108,7 +112,9 @@ def build_client_app(site_for: Any = SiteConfig.from_node_config, mods: list | N
         data = site_data(site, config)
         model = build_model(len(class_names(config)))
         load_arrays(model, msg.content["arrays"])
+        started = time.perf_counter()
         metrics = evaluate(model, data, len(class_names(config)), pick_device())
+        metrics["seconds"] = time.perf_counter() - started
         ledger = PrivacyLedger(site.ledger_dir, data.fingerprint, site.name)
         metrics.update({"num-examples": sum(len(v.image) for v in data.validation), "epsilon": ledger.epsilon(float(config["delta"]))})
         log.info("%s round %s: validation Dice %.3f on %d patients", site.name, config.get("server-round", "?"), metrics["dice"], len(data.validation))

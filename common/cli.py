@@ -31,6 +31,8 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning-rate", type=float, default=RUN_DEFAULTS["learning-rate"])
     parser.add_argument("--image-size", type=int, default=RUN_DEFAULTS["image-size"])
     parser.add_argument("--seed", type=int, default=RUN_DEFAULTS["seed"])
+    parser.add_argument("--classes", default=RUN_DEFAULTS["classes"],
+                        help="foreground classes, matched to SEG segment labels (default organ,lesion)")
     parser.add_argument("--round-timeout", type=float, help="seconds to wait for sites' replies (and for enough sites to be "
                         f"online) per round (default {RUN_DEFAULTS['round-timeout']:g})")
     parser.add_argument("--round-retries", type=int, help="times a round is retried when fewer than --min-sites usable "
@@ -61,7 +63,7 @@ def _run_overrides(args: argparse.Namespace, min_sites: int | None, run_dir: Pat
         "noise-multiplier": args.noise_multiplier, "batch-size": args.batch_size, "learning-rate": args.learning_rate,
         "image-size": args.image_size, "seed": args.seed, "delta": args.delta, "max-grad-norm": args.max_grad_norm,
         "max-update-norm-ratio": args.max_update_norm_ratio, "trim-fraction": args.trim_fraction,
-        "byzantine-sites": args.byzantine_sites,
+        "byzantine-sites": args.byzantine_sites, "classes": args.classes,
     }
     return chosen
 
@@ -259,6 +261,17 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from simulations.bench import run_bench
+
+    plan = "quick" if args.quick else "full"
+    out = Path(args.out or Path("results") / f"bench-{plan}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_bench(plan, out, Path(args.cache_dir), deployment=not args.quick)
+    print((out / "table.md").read_text())
+    print(f"results: {out} (results.json, table.md, dice_vs_round.png, dice_vs_epsilon.png, cost.png; runs/ and logs/)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedseg", description="Federated, differentially private medical image segmentation.")
     parser.add_argument("--verbose", action="store_true", help="show Flower's own log")
@@ -353,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("folder", help="local folder (a site data folder); instances already there are not fetched again")
     pull.add_argument("--study", help="only this StudyInstanceUID")
     pull.set_defaults(func=_pull)
+
+    bench = sub.add_parser("bench", help="researcher: utility (pooled, local, federated, DP) and cost, measured side by side")
+    bench.add_argument("--quick", action="store_true", help="a few minutes, tiny data: checks that every benchmark runs")
+    bench.add_argument("--out", help="results folder (default results/bench-<plan>-<time>)")
+    bench.add_argument("--cache-dir", default=os.environ.get("FEDSEG_CACHE", str(Path.home() / ".cache" / "fedseg")))
+    bench.set_defaults(func=_bench)
 
     report = sub.add_parser("report", help="anyone: an HTML page with the run's plots and final table")
     report.add_argument("run_dir")

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
 from server.run_record import RunRecord
@@ -44,6 +45,11 @@ def build_strategy(config: dict[str, Any]) -> Strategy:
     return FedAvg(**common)
 
 
+def message_bytes(msg: Message) -> int:
+    """What a message weighs on the wire: its serialised objects, as Flower sends them."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
+
+
 class FederationStrategy(Strategy):
     """Delegates the maths to a Flower strategy; records, screens and checkpoints around it."""
 
@@ -69,14 +75,16 @@ class FederationStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.record.round(server_round)  # starts the round's clock
         self.sent = {k: v.numpy() for k, v in arrays.items()}
-        return self._remember(self.inner.configure_train(server_round, arrays, config, grid))
+        return self._remember(server_round, "train", self.inner.configure_train(server_round, arrays, config, grid))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.record.round(server_round)  # round 0 has no training: its clock starts here
-        return self._remember(self.inner.configure_evaluate(server_round, arrays, config, grid))
+        return self._remember(server_round, "evaluate", self.inner.configure_evaluate(server_round, arrays, config, grid))
 
-    def _remember(self, messages: Iterable[Message]) -> list[Message]:
+    def _remember(self, server_round: int, stage: str, messages: Iterable[Message]) -> list[Message]:
         self.asked = list(messages)  # the Grid gives each its message id when it sends them
+        if self.asked:
+            self.record.round(server_round)[f"{stage}_bytes_to_each_site"] = message_bytes(self.asked[0])
         return self.asked
 
     def _site_replies(self, server_round: int, replies: Iterable[Message], stage: str) -> Iterator[tuple[Message, str, str, str, MetricRecord]]:
@@ -94,6 +102,7 @@ class FederationStrategy(Strategy):
             site = msg.content.config_records.get("site", ConfigRecord())
             name = str(site.get("name", f"node-{node}"))
             self.record.site_nodes[str(node)] = name
+            self.record.site(server_round, name)[f"{stage}_reply_bytes"] = message_bytes(msg)
             yield msg, name, str(site.get("status", "ok")), str(site.get("reason", "")), msg.content.metric_records.get("metrics", MetricRecord())
         for node in destination.values():
             if node not in answered:
@@ -113,7 +122,8 @@ class FederationStrategy(Strategy):
             entry = self.record.site(server_round, name)
             entry.update(status=status, reason=reason, examples=int(m.get("num-examples", 0)),
                          train_loss=float(m.get("train-loss", math.nan)), epsilon=float(m.get("epsilon", math.nan)),
-                         noise_multiplier=float(m.get("noise-multiplier", math.nan)), steps=int(m.get("steps", 0)))
+                         noise_multiplier=float(m.get("noise-multiplier", math.nan)), steps=int(m.get("steps", 0)),
+                         train_seconds=float(m.get("seconds", math.nan)))
             if status != "ok":
                 self.progress(f"  round {server_round} {name}: did not train ({status}): {reason}")
             elif "arrays" not in msg.content.array_records or entry["examples"] <= 0:
@@ -142,7 +152,7 @@ class FederationStrategy(Strategy):
         for msg, name, _, _, m in self._site_replies(server_round, replies, "evaluate"):
             entry = self.record.site(server_round, name)
             entry.update(val_dice=float(m["dice"]), val_iou=float(m["iou"]), val_hd95_mm=float(m["hd95"]),
-                         val_slices=int(m["num-examples"]), epsilon=float(m["epsilon"]),
+                         val_slices=int(m["num-examples"]), epsilon=float(m["epsilon"]), val_seconds=float(m.get("seconds", math.nan)),
                          val_dice_per_class=[float(m[k]) for k in sorted(m) if k.startswith("dice-class")])
             entry.setdefault("status", "ok")
             valid.append(msg)

@@ -1,5 +1,5 @@
 """Deployment with real processes on loopback: `fedseg server` (SuperLink, TLS, site authentication),
-three `fedseg site` SuperNodes, `fedseg run`; the sites that must be turned away; a hospital that dies
+two `fedseg site` SuperNodes, `fedseg run`; the sites that must be turned away; a hospital that dies
 mid-round and a server that crashes mid-run and is resumed. Every process is started here and stopped
 here, by pid, and the suite checks none is left behind."""
 
@@ -23,7 +23,7 @@ from common.model import build_model
 from common.processes import free_port, port_open
 
 REPO = Path(__file__).parents[1]
-HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
+HOSPITALS = ("hospital-a", "hospital-b")
 FEDSEG = [sys.executable, "-m", "common.cli"]
 
 
@@ -79,12 +79,11 @@ class Background:
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    """Coordinator and hospitals on one machine, as the README walks them through (plus hospital-c,
-    which the test kills)."""
+    """Coordinator and two hospitals on one machine, as the README walks them through."""
     root = tmp_path_factory.mktemp("deploy")
     port = free_port()
-    assert _fedseg("demo-data", "demo", "--sites", "3", "--size", "tiny", cwd=root).returncode == 0
-    data = root / "demo" / "federation-v3-tiny-3sites-seed0"
+    assert _fedseg("demo-data", "demo", "--sites", "2", "--size", "tiny", cwd=root).returncode == 0
+    data = root / "demo" / "federation-v3-tiny-2sites-seed0"
     assert _fedseg("certs", "coordinator", "--hostname", "fedseg.test", cwd=root).returncode == 0
     for site in (*HOSPITALS, "site-unregistered"):
         assert _fedseg("site-key", site, cwd=root).returncode == 0
@@ -95,7 +94,7 @@ def federation(tmp_path_factory):
         for site in HOSPITALS:
             reg = _fedseg("register", "coordinator", f"{site}/site.pub", "--name", site, cwd=root)
             assert reg.returncode == 0, reg.stdout + reg.stderr
-        for site, folder in zip(HOSPITALS, ("site-01", "site-02", "site-03")):
+        for site, folder in zip(HOSPITALS, ("site-01", "site-02")):
             # Budget 60 against a run target of 30: room for a round lost in the server crash and run again.
             started.append(Background(site, ["site", site, "--data", str(data / folder), "--server", f"localhost:{port}",
                                              "--ca-cert", "coordinator/certs/ca.crt", "--epsilon-budget", "60", "--threads", "1"], root))
@@ -132,16 +131,16 @@ def test_sites_train_over_tls_through_a_dead_hospital_and_a_server_crash_while_i
     sites = {bg.log.stem: bg for bg in federation["sites"]}
     for site in sites.values():
         site.wait_for("connecting to", timeout=120)
-    _wait_until(lambda: _online(root) == set(HOSPITALS), 90, "three sites online")
+    _wait_until(lambda: _online(root) == set(HOSPITALS), 90, "both sites online")
     run_dir = root / "coordinator" / "runs" / "test"
     run = Background("run", ["run", "coordinator", "--rounds", "2", "--local-epochs", "2", "--epsilon", "30", "--image-size", "32",
-                             "--batch-size", "8", "--min-sites", "2", "--round-timeout", "300", "--run-dir", "runs/test"], root)
+                             "--batch-size", "8", "--min-sites", "1", "--round-timeout", "300", "--run-dir", "runs/test"], root)
     federation["started"].append(run)
     run.wait_for("round 0: aggregated", timeout=240)
 
-    # hospital-c loses power while training round 1: no goodbye, the SuperLink only stops hearing from it.
+    # hospital-b loses power while training round 1: no goodbye, the SuperLink only stops hearing from it.
     time.sleep(3)
-    os.killpg(sites["hospital-c"].proc.pid, signal.SIGKILL)
+    os.killpg(sites["hospital-b"].proc.pid, signal.SIGKILL)
 
     # Meanwhile: a site whose key was never registered is refused ...
     refused = _fedseg("site", "site-unregistered", "--data", str(federation["data"]), "--server",
@@ -166,7 +165,7 @@ def test_sites_train_over_tls_through_a_dead_hospital_and_a_server_crash_while_i
         except ProcessLookupError:
             pass
 
-    # Round 1 completes with the two live hospitals; then the server machine crashes (every process of it).
+    # Round 1 completes with the live hospital (min-sites 1); then the server machine crashes (every process of it).
     _wait_until(lambda: any(r["round"] == 1 and "dice" in r for r in _history(run_dir)["rounds"]), 480,
                 f"round 1 never completed:\n{run.output()[-3000:]}")
     os.killpg(server.proc.pid, signal.SIGKILL)
@@ -176,7 +175,7 @@ def test_sites_train_over_tls_through_a_dead_hospital_and_a_server_crash_while_i
     restarted = Background("server-restarted", ["server", "coordinator", "--port", str(port)], root)
     federation["started"].append(restarted)
     restarted.wait_for("aggregation server on", timeout=90)
-    _wait_until(lambda: {"hospital-a", "hospital-b"} <= _online(root), 120, "hospitals a and b reconnect to the restarted server")
+    _wait_until(lambda: "hospital-a" in _online(root), 120, "hospital-a reconnects to the restarted server")
     resume = Background("resume", ["run", "coordinator", "--resume", "runs/test"], root)
     federation["started"].append(resume)
     assert resume.proc.wait(timeout=540) == 0, resume.output()[-4000:]
@@ -187,13 +186,14 @@ def test_sites_train_over_tls_through_a_dead_hospital_and_a_server_crash_while_i
     assert [r["round"] for r in history["rounds"]] == [0, 1, 2]  # every round once
     assert "resumed after round 1" in " ".join(e["event"] for e in history["events"])
     rounds = {r["round"]: r for r in history["rounds"]}
-    lost = rounds[1]["sites"]["hospital-c"]
-    assert lost["status"] in ("train_failed", "no_reply") and lost["reason"], lost  # dead site named, with why
-    assert {n: s["status"] for n, s in rounds[2]["sites"].items()} == {"hospital-a": "ok", "hospital-b": "ok"}
+    lost = rounds[1]["sites"]["hospital-b"]
+    assert lost["status"] == "train_failed" and "Node Unavailable" in lost["reason"], lost  # dead site named, with why
+    assert rounds[1]["sites"]["hospital-a"]["status"] == "ok"
+    assert {n: s["status"] for n, s in rounds[2]["sites"].items()} == {"hospital-a": "ok"}
     state = torch.load(run_dir / "global_model.pt", weights_only=True)
     assert state["round"] == 2
     build_model(3).load_state_dict(state["state_dict"])
-    for name in ("hospital-a", "hospital-b"):
+    for name in ("hospital-a",):
         reported = rounds[2]["sites"][name]["epsilon"]
         # The ε the server saw is the site's own accountant's, over every step it actually took: two
         # rounds, or three when its round 2 finished at the site after the server had died.
@@ -202,7 +202,7 @@ def test_sites_train_over_tls_through_a_dead_hospital_and_a_server_crash_while_i
         assert math.isclose(ledger.epsilon(1e-5), reported, rel_tol=1e-9)
         assert len(ledger.rounds) in (2, 3) and 0 < reported <= 60.0
         assert "round 2: " in sites[name].output()  # each hospital's console shows its own rounds
-    assert not list((root / "hospital-c" / "privacy_ledger").glob("*.json"))  # died before spending anything
+    assert not list((root / "hospital-b" / "privacy_ledger").glob("*.json"))  # died before spending anything
     assert "foreground Dice" in resume.output() and "hospital-a" in resume.output()
     assert (run_dir / "report.html").is_file() and "report: " in resume.output()  # the coordinator's report, no images
 

@@ -1,0 +1,147 @@
+"""A federation from a real scan: the MNI152 (ICBM 2009a) T1 template and its grey/white-matter maps,
+shipped inside the nilearn package (no download), written per site as MR DICOM series + DICOM-SEG
+with each site's own scanner: matrix, pixel spacing, slice thickness, slab, intensity scale, bias
+field and noise. "Patients" are the template under small random rotations, scalings and shifts.
+The files go through the normal site loader, exactly as a hospital's export would."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from scipy.ndimage import map_coordinates
+
+from common.seg_writer import write_seg
+
+BRAIN_VERSION = 1
+CLASS_NAMES = ("background", "grey-matter", "white-matter")
+TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
+SIZES = {"default": (6, 10), "tiny": (3, 8)}  # (patients per site, slices per series)
+
+
+@dataclass(frozen=True)
+class MRProfile:
+    site: str
+    matrix: int
+    pixel_spacing: float
+    slice_thickness: float
+    slab_centre_mm: float  # z (RAS) of the slab's centre
+    intensity_scale: float
+    bias_strength: float
+    noise: float
+
+
+def template_folder() -> Path:
+    """nilearn's data folder, found without importing nilearn (which would import scikit-learn)."""
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the MNI152 template ships with nilearn: pip install nilearn")
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+
+
+def profiles(num_sites: int, seed: int) -> list[MRProfile]:
+    out = []
+    for i in range(num_sites):
+        rng = np.random.default_rng([seed, i, BRAIN_VERSION, 7])
+        matrix = int(rng.choice([48, 56, 64]))
+        out.append(MRProfile(site=f"brain-{i + 1:02d}", matrix=matrix, pixel_spacing=round(float(rng.uniform(200, 230)) / matrix, 3),
+                             slice_thickness=float(rng.choice([4.0, 5.0, 6.0])), slab_centre_mm=round(float(rng.uniform(5, 25)), 1),
+                             intensity_scale=round(float(rng.uniform(2.0, 8.0)), 2), bias_strength=round(float(rng.uniform(0.0, 0.3)), 2),
+                             noise=round(float(rng.uniform(0.01, 0.05)), 3)))
+    return out
+
+
+def _sample(volume: np.ndarray, inverse_affine: np.ndarray, points: np.ndarray, order: int) -> np.ndarray:
+    ijk = points @ inverse_affine[:3, :3].T + inverse_affine[:3, 3]
+    return map_coordinates(volume, ijk.T, order=order, mode="constant", cval=0.0)
+
+
+def write_patient(profile: MRProfile, index: int, slices: int, out: Path, seed: int, template: dict[str, nib.Nifti1Image]) -> None:
+    rng = np.random.default_rng([seed, BRAIN_VERSION, int(profile.site[-2:]), index])
+    angle = np.deg2rad(rng.uniform(-8, 8))
+    scale = rng.uniform(0.92, 1.08)
+    shift = rng.uniform(-6, 6, size=3)
+    # The series' grid in patient LPS mm: axial slices, row direction +x (L), column direction +y (P).
+    n, spacing, thick = profile.matrix, profile.pixel_spacing, profile.slice_thickness
+    half = (n - 1) / 2 * spacing
+    zs = profile.slab_centre_mm + (np.arange(slices) - (slices - 1) / 2) * thick
+    cols, rows = np.meshgrid(np.arange(n) * spacing - half, np.arange(n) * spacing - half)
+    grid_lps = np.stack([np.broadcast_to(cols, (slices, n, n)), np.broadcast_to(rows, (slices, n, n)),
+                         np.broadcast_to(zs[:, None, None], (slices, n, n))], axis=-1).reshape(-1, 3)
+    # Where each voxel of the patient falls in the template (RAS): the patient is the template moved.
+    c, s = np.cos(angle), np.sin(angle)
+    rotation = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) / scale
+    ras = (grid_lps * np.array([-1.0, -1.0, 1.0]) - shift) @ rotation.T
+    t1, gm, wm = (_sample(np.asarray(template[k].dataobj, dtype=np.float32), np.linalg.inv(template[k].affine), ras, order=1)
+                  .reshape(slices, n, n) for k in ("t1", "gm", "wm"))
+    labels = np.where((wm >= 128) & (wm >= gm), 2, np.where(gm >= 128, 1, 0)).astype(np.uint8)
+    yy, xx = np.mgrid[-1:1:n * 1j, -1:1:n * 1j]
+    bias = 1 + profile.bias_strength * (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1))
+    signal = (t1 / 255.0) * bias[None] + rng.normal(0, profile.noise, t1.shape)
+    stored = np.clip(np.rint(signal * 1000 * profile.intensity_scale), 0, 65535).astype(np.uint16)
+
+    patient = f"{profile.site}-P{index + 1:03d}"
+    uids = {k: generate_uid(entropy_srcs=[str(seed), patient, k, str(BRAIN_VERSION)]) for k in ("study", "series", "frame")}
+    folder = out / patient / "MR"
+    folder.mkdir(parents=True)
+    datasets = []
+    for k in range(slices):
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[uids["series"], str(k)])
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = f"Template^{patient}", patient, "19700101", "O"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = uids["study"], uids["series"], uids["frame"]
+        ds.StudyID, ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "20260101", "120000", "", ""
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "MR", 3, k + 1
+        ds.Manufacturer, ds.ManufacturerModelName, ds.PositionReferenceIndicator = f"Template {profile.site}", "MNI152 2009a", ""
+        ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = "GR", "SP", "", "3D"
+        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.ImagePositionPatient = [-half, -half, float(zs[k])]
+        ds.PixelSpacing, ds.SliceThickness = [spacing, spacing], thick
+        ds.Rows = ds.Columns = n
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = stored[k].tobytes()
+        ds.save_as(folder / f"IM{k + 1:04d}.dcm", enforce_file_format=True)
+        datasets.append(ds)
+    write_seg(datasets, labels, CLASS_NAMES, out / patient / "SEG" / "tissues.dcm", uid_entropy=[str(seed), patient, "seg"])
+
+
+def build_brain_federation(cache_root: str | Path, num_sites: int = 3, seed: int = 0, size: str = "default", progress=print) -> Path:
+    """The federation's root folder (one subfolder per site), generated once and cached."""
+    root = Path(cache_root) / f"brain-v{BRAIN_VERSION}-{size}-{num_sites}sites-seed{seed}"
+    if (root / "federation.json").is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    folder = template_folder()
+    template = {k: nib.load(str(folder / TEMPLATE.format(k))) for k in ("t1", "gm", "wm")}
+    patients, slices = SIZES[size]
+    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
+    try:
+        sites = profiles(num_sites, seed)
+        for profile in sites:
+            progress(f"generating {profile.site} from the MNI152 template: {patients} patients, {profile.matrix}x{profile.matrix}x{slices} "
+                     f"@ {profile.pixel_spacing:.2f}x{profile.slice_thickness} mm")
+            for index in range(patients):
+                write_patient(profile, index, slices, tmp / profile.site, seed, template)
+        (tmp / "federation.json").write_text(json.dumps({"source": "MNI152 ICBM 2009a (nilearn)", "version": BRAIN_VERSION,
+                                                         "classes": CLASS_NAMES[1:], "sites": [asdict(p) for p in sites]}, indent=2))
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root

@@ -18,14 +18,11 @@ from pydicom.sr.codedict import codes
 
 from common.config import class_names
 from common.dataset import normalise
-from common.dicom_io import LoadReport, Series, load_series, read_dicom, voxel_to_patient
+from common.dicom_io import LPS_TO_RAS, LoadReport, Series, load_series, read_dicom, voxel_to_patient
 from common.inference import segment_series
 from common.model import GlobalModel
 from common.overlays import draw_overlays, most_labelled_slices
 from common.seg_writer import write_seg
-
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
 
 @dataclass
 class Prediction:

@@ -26,6 +26,7 @@ from pydicom.pixels import apply_modality_lut, get_decoder
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, SegmentationStorage
 
 MASK_MANIFEST = "masks.csv"
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM patient space (LPS) -> NIfTI world space (RAS)
 
 
 @dataclass
@@ -243,8 +244,7 @@ def read_nifti_mask(path: Path, series: Series) -> np.ndarray:
     """Resample a NIfTI label image onto the series grid (nearest neighbour, through world space)."""
     image = nib.load(str(path))
     labels = np.asarray(image.dataobj)
-    lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
-    to_nifti = np.linalg.inv(image.affine) @ lps_to_ras @ voxel_to_patient(series)
+    to_nifti = np.linalg.inv(image.affine) @ LPS_TO_RAS @ voxel_to_patient(series)
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in series.volume.shape], indexing="ij"), axis=-1).reshape(-1, 3)
     ijk = np.rint(grid @ to_nifti[:3, :3].T + to_nifti[:3, 3]).astype(int)
     inside = np.all((ijk >= 0) & (ijk < np.array(labels.shape[:3])), axis=1)

@@ -22,16 +22,10 @@ from common.config import class_names  # noqa: E402
 from common.metrics import class_metrics, foreground_dice  # noqa: E402
 from common.model import load_global_model  # noqa: E402
 from common.overlays import draw_overlays, most_labelled_slices  # noqa: E402
+from server.run_record import cell, history_number  # noqa: E402
 
 STATUS_COLOURS = {"ok": "#2ca02c", "rejected": "#d62728", "budget_exhausted": "#ff7f0e", "train_failed": "#7f7f7f",
                   "evaluate_failed": "#7f7f7f", "no_reply": "#000000"}
-
-
-def _number(value: Any) -> float:
-    """history.json writes NaN as null and ∞ as "inf"."""
-    if value is None:
-        return math.nan
-    return float(value)
 
 
 def _series(history: dict, key: str) -> dict[str, tuple[list[int], list[float]]]:
@@ -42,7 +36,7 @@ def _series(history: dict, key: str) -> dict[str, tuple[list[int], list[float]]]
             if key in entry:
                 rounds, values = out.setdefault(site, ([], []))
                 rounds.append(r["round"])
-                values.append(_number(entry[key]))
+                values.append(history_number(entry[key]))
     return out
 
 
@@ -53,7 +47,7 @@ def _line_plot(history: dict, key: str, title: str, ylabel: str, path: Path, agg
         ax.plot(rounds, values, marker="o", markersize=3, label=site)
     if aggregate:
         done = [r for r in history["rounds"] if aggregate in r]
-        ax.plot([r["round"] for r in done], [_number(r[aggregate]) for r in done], color="black", linewidth=2.2, label="all sites")
+        ax.plot([r["round"] for r in done], [history_number(r[aggregate]) for r in done], color="black", linewidth=2.2, label="all sites")
     if target is not None and math.isfinite(target):
         ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
     ax.set(title=title, xlabel="round", ylabel=ylabel)
@@ -68,7 +62,7 @@ def _line_plot(history: dict, key: str, title: str, ylabel: str, path: Path, agg
 def _durations(history: dict, path: Path) -> Path:
     rounds = [r for r in history["rounds"] if "duration_s" in r]
     fig, ax = plt.subplots(figsize=(5.2, 3.4), layout="constrained")
-    ax.bar([r["round"] for r in rounds], [_number(r["duration_s"]) for r in rounds], color="#1f77b4")
+    ax.bar([r["round"] for r in rounds], [history_number(r["duration_s"]) for r in rounds], color="#1f77b4")
     ax.set(title="round wall time", xlabel="round", ylabel="seconds")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(axis="y", alpha=0.3)
@@ -122,19 +116,13 @@ def _overlays(run_dir: Path, site_dirs: Sequence[str], path: Path, per_site: int
     return draw_overlays(panels, names, path, f"global model round {global_model.round} on validation patients", columns=4)
 
 
-def _fmt(value: Any, spec: str) -> str:
-    """A table cell: undefined (a class absent from the truth, a site that did not report) is a dash."""
-    number = _number(value)
-    return "–" if math.isnan(number) else format(number, spec)
-
-
 def _table(history: dict) -> str:
     last = next((r for r in reversed(history["rounds"]) if "dice" in r), {"sites": {}, "round": "-"})
     rows = []
     for site, s in sorted(last["sites"].items()):
-        cells = [site, s.get("status", "-"), _fmt(s.get("val_dice"), ".3f"),
-                 " / ".join(_fmt(d, ".3f") for d in s.get("val_dice_per_class", [])) or "–",
-                 _fmt(s.get("val_hd95_mm"), ".1f"), _fmt(s.get("epsilon"), ".2f"), str(s.get("examples", "–"))]
+        cells = [site, s.get("status", "-"), cell(s.get("val_dice"), ".3f"),
+                 " / ".join(cell(d, ".3f") for d in s.get("val_dice_per_class", [])) or "–",
+                 cell(s.get("val_hd95_mm"), ".1f"), cell(s.get("epsilon"), ".2f"), str(s.get("examples", "–"))]
         rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     classes = " / ".join(class_names(history["config"])[1:])
     head = "".join(f"<th>{h}</th>" for h in ("site", "training status", "val Dice", f"Dice {classes}", "HD95 (mm)", "ε spent", "train slices"))
@@ -148,7 +136,7 @@ def write_report(run_dir: str | Path, site_dirs: Sequence[str] = ()) -> Path:
     config = history["config"]
     folder = run_dir / "report"
     folder.mkdir(exist_ok=True)
-    target = _number(config.get("target-epsilon"))
+    target = history_number(config.get("target-epsilon"))
     plots = [
         _line_plot(history, "val_dice", "validation Dice (foreground mean)", "Dice", folder / "dice.png", aggregate="dice"),
         _line_plot(history, "epsilon", f"privacy spent (δ = {config.get('delta')})", "ε", folder / "epsilon.png", target=target),
@@ -158,12 +146,12 @@ def write_report(run_dir: str | Path, site_dirs: Sequence[str] = ()) -> Path:
     ]
     overlay = _overlays(run_dir, site_dirs, folder / "overlays.png") if site_dirs else None
     done = [r for r in history["rounds"] if "dice" in r]
-    final = _number(done[-1]["dice"]) if done else math.nan
-    dp = "off" if not math.isfinite(target) and _number(config.get("noise-multiplier")) <= 0 else f"target ε {target:g}"
+    final = history_number(done[-1]["dice"]) if done else math.nan
+    dp = "off" if not math.isfinite(target) and history_number(config.get("noise-multiplier")) <= 0 else f"target ε {target:g}"
     headline = (f"status <b>{html.escape(str(history.get('status', '?')))}</b>; {len(done) - 1 if done else 0} of "
                 f"{config.get('num-server-rounds')} rounds; final foreground Dice <b>{final:.3f}</b> "
-                f"(round 0: {_number(done[0]['dice']) if done else math.nan:.3f}); strategy {html.escape(str(config.get('strategy')))}; "
-                f"DP {dp}; wall time {_number(history.get('wall_time_s')):.0f} s")
+                f"(round 0: {history_number(done[0]['dice']) if done else math.nan:.3f}); strategy {html.escape(str(config.get('strategy')))}; "
+                f"DP {dp}; wall time {history_number(history.get('wall_time_s')):.0f} s")
     events = "".join(f"<li>{html.escape(e['event'])}</li>" for e in history.get("events", []))
     images = "".join(f'<img src="report/{p.name}" alt="{p.stem}">' for p in plots)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fedseg run {html.escape(run_dir.name)}</title>

@@ -52,6 +52,17 @@ def run_status(run_dir: str | Path) -> str | None:
         return None
 
 
+def history_number(value: Any) -> float:
+    """A number as history.json holds it, back as a float: null is NaN, "inf" is ∞ (see `_clean`)."""
+    return math.nan if value is None else float(value)
+
+
+def cell(value: Any, spec: str = ".3f") -> str:
+    """A table cell: undefined (a class absent from the truth, a site that did not report) is a dash."""
+    number = history_number(value)
+    return "–" if math.isnan(number) else format(number, spec)
+
+
 class ResumeError(RuntimeError):
     """The run folder holds nothing a run can be resumed from."""
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from common.processes import descendants
+from server.run_record import cell, history_number
 
 
 @dataclass(frozen=True)
@@ -88,13 +89,18 @@ def simulate(plan: Plan, label: str, out: Path, cache: Path, *options: str, site
     return {"history": json.loads((run_dir / "history.json").read_text()), "wall_s": wall, "peak_mb": peak}
 
 
+def _last_round(history: dict) -> dict[str, Any]:
+    """The last round that was validated."""
+    return [r for r in history["rounds"] if "dice" in r][-1]
+
+
+def _dice_by_round(history: dict) -> list[float]:
+    return [history_number(r.get("dice")) for r in history["rounds"]]
+
+
 def _final_sites(history: dict) -> dict[str, dict[str, float]]:
-    last = [r for r in history["rounds"] if "dice" in r][-1]
-    return {name: {"dice": _num(s.get("val_dice")), "hd95_mm": _num(s.get("val_hd95_mm"))} for name, s in last["sites"].items()}
-
-
-def _num(value: Any) -> float:
-    return math.nan if value is None else float(value)
+    last = _last_round(history)
+    return {name: {"dice": history_number(s.get("val_dice")), "hd95_mm": history_number(s.get("val_hd95_mm"))} for name, s in last["sites"].items()}
 
 
 def _mean(values: list[float]) -> float:
@@ -212,7 +218,7 @@ def round_overhead(history: dict) -> dict[str, Any]:
     """Round wall time ÷ the slowest site's own compute (training + validation) in that round."""
     ratios = []
     for r in history["rounds"]:
-        compute = [_num(s.get("train_seconds")) + _num(s.get("val_seconds")) for s in r["sites"].values()]
+        compute = [history_number(s.get("train_seconds")) + history_number(s.get("val_seconds")) for s in r["sites"].values()]
         compute = [c for c in compute if math.isfinite(c)]
         if r["round"] > 0 and compute and "duration_s" in r:
             ratios.append({"round": r["round"], "round_s": r["duration_s"], "slowest_site_compute_s": max(compute),
@@ -317,16 +323,16 @@ def run_bench(plan_name: str, out: Path, cache: Path, deployment: bool, progress
         progress(f"federated {strategy}, no DP ...")
         run = simulate(plan, f"{strategy}-nodp", out, cache, "--strategy", strategy, "--epsilon", "inf")
         results["federated"][strategy] = {**_summary(_final_sites(run["history"])), "wall_s": run["wall_s"], "peak_mb": run["peak_mb"],
-                                          "dice_by_round": [_num(r.get("dice")) for r in run["history"]["rounds"]]}
+                                          "dice_by_round": _dice_by_round(run["history"])}
         if strategy == "fedavg":
             baseline = run
     for epsilon in plan.epsilons:
         progress(f"fedavg with DP, ε = {epsilon:g} ...")
         run = simulate(plan, f"fedavg-dp-eps{epsilon:g}", out, cache, "--epsilon", str(epsilon))
-        last = [r for r in run["history"]["rounds"] if "dice" in r][-1]
+        last = _last_round(run["history"])
         results["dp"][f"{epsilon:g}"] = {**_summary(_final_sites(run["history"])), "wall_s": run["wall_s"],
-                                         "epsilon_spent": max(_num(s.get("epsilon")) for s in last["sites"].values()),
-                                         "dice_by_round": [_num(r.get("dice")) for r in run["history"]["rounds"]]}
+                                         "epsilon_spent": max(history_number(s.get("epsilon")) for s in last["sites"].values()),
+                                         "dice_by_round": _dice_by_round(run["history"])}
     progress("pooled and local-only baselines ...")
     results.update(centralised(plan, sites))
     progress("DP-SGD vs SGD: one epoch each, fresh processes ...")
@@ -366,10 +372,10 @@ def real_images(plan: Plan, out: Path, cache: Path, progress=print) -> dict[str,
               "classes": classes}
     for label, epsilon in (("no_dp", "inf"), ("dp8", "8"))[: 2 if plan.real_dp else 1]:
         run = simulate(plan, f"real-fedavg-{label}", out, cache, "--epsilon", epsilon, "--classes", classes, data_root=root)
-        last = [r for r in run["history"]["rounds"] if "dice" in r][-1]
+        last = _last_round(run["history"])
         result[label] = {**_summary(_final_sites(run["history"])), "wall_s": run["wall_s"],
                          "dice_per_class": {n: s.get("val_dice_per_class") for n, s in last["sites"].items()},
-                         "dice_by_round": [_num(r.get("dice")) for r in run["history"]["rounds"]]}
+                         "dice_by_round": _dice_by_round(run["history"])}
     return result
 
 
@@ -386,10 +392,6 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _f(value: Any, spec: str = ".3f") -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
 def _per_round(overhead: dict[str, Any]) -> str:
     return ", ".join(f"{x['round_s']:.1f} s / {x['slowest_site_compute_s']:.1f} s" for x in overhead["rounds"])
 
@@ -401,8 +403,8 @@ def table(results: dict[str, Any]) -> str:
     lines = [head, "|---|" + "---:|" * (len(sites) + 2)]
 
     def row(name: str, entry: dict[str, Any]) -> None:
-        cells = [_f(entry["per_site"][s]["dice"]) for s in sites]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{_f(entry['mean_dice'])}** | {_f(entry['mean_hd95_mm'], '.1f')} |")
+        cells = [cell(entry["per_site"][s]["dice"]) for s in sites]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{cell(entry['mean_dice'])}** | {cell(entry['mean_hd95_mm'], '.1f')} |")
 
     row("pooled (all data in one place; ceiling)", results["pooled"])
     for site, entry in sorted(results["local_only"].items()):
@@ -410,14 +412,14 @@ def table(results: dict[str, Any]) -> str:
     for strategy, entry in results["federated"].items():
         row(f"{strategy}, no DP", entry)
     for epsilon, entry in results["dp"].items():
-        row(f"fedavg, DP ε = {epsilon} (spent {_f(entry['epsilon_spent'], '.2f')})", entry)
+        row(f"fedavg, DP ε = {epsilon} (spent {cell(entry['epsilon_spent'], '.2f')})", entry)
     t, cost, comm = results["targets"], results["dp_cost"], results["communication"]
     sim = results["round_overhead_simulation"]
     lines += ["", "| cost | measured |", "|---|---|",
               f"| DP-SGD vs SGD, one epoch ({cost['dp']['slices']} slices, 1 thread) | {cost['dp']['epoch_s']:.2f} s vs "
               f"{cost['no_dp']['epoch_s']:.2f} s: **{cost['time_ratio']:.2f}x** time |",
               f"| peak memory of that training, DP vs SGD (RSS growth over the loaded data) | {cost['dp']['peak_rss_mb'] - cost['dp']['rss_before_training_mb']:.0f} MB vs "
-              f"{cost['no_dp']['peak_rss_mb'] - cost['no_dp']['rss_before_training_mb']:.0f} MB: **{_f(cost['memory_ratio'], '.2f')}x** |",
+              f"{cost['no_dp']['peak_rss_mb'] - cost['no_dp']['rss_before_training_mb']:.0f} MB: **{cell(cost['memory_ratio'], '.2f')}x** |",
               f"| round wall time / slowest site's compute, simulation | **{sim['mean_ratio']:.2f}x** ({_per_round(sim)}) |"]
     if "round_overhead_deployment" in results:
         dep = results["round_overhead_deployment"]
@@ -442,7 +444,7 @@ def table(results: dict[str, Any]) -> str:
               f"| federated Dice ≥ 0.99 × pooled | {t['federated_over_pooled']:.3f} × pooled |",
               f"| every site's federated Dice ≥ its local-only Dice | "
               + ", ".join(f"{s}: {'yes' if ok else 'no'}" for s, ok in t["sites_not_worse_than_local"].items()) + " |",
-              f"| DP at ε = 8 ≥ 0.95 × non-DP | {_f(t['dp8_over_nodp'])} × non-DP |"]
+              f"| DP at ε = 8 ≥ 0.95 × non-DP | {cell(t['dp8_over_nodp'])} × non-DP |"]
     return "\n".join(lines) + "\n"
 
 

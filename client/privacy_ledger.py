@@ -1,99 +1,151 @@
-"""The site's record of privacy spent on one dataset, composed over every round of every run.
+"""The site's privacy ledger: one per site, append-only, hash-chained JSON lines. Also its audit log.
 
-A ClientApp is re-created each round and runs end, but DP guarantees compose over every release from
-the same data. The ledger stores Opacus' RDP accountant history (noise multiplier, sample rate,
-steps) in a JSON file keyed by the dataset's fingerprint, written atomically after each round.
-Training without DP marks the dataset as unbounded (ε = ∞) for good. A round holds an exclusive
-lock on the ledger from its budget check to its write, so two runs training on the same data at
-once cannot both spend the same remaining budget.
+Every release (a trained model, validation metrics) and every refusal is one line, with the time, the
+run and round, the SHA-256 of the arrays released, the metrics as released and the ε before and
+after. DP composes over every release from the same patients, whatever the run, seed, split or class
+list, so there is one ledger for the site: a new or re-anonymised patient inherits the running total
+(conservative). Each line carries the hash of the line before it: an edited, reordered or replaced
+ledger fails its check and stops the site; it is never reset to zero. ε comes from Opacus' RDP
+accountant over the (σ, patient sampling rate, steps) of every training line.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
+import hashlib
 import json
 import math
 import os
-import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 Event = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
+GENESIS_PREV = "0" * 64
+
+
+@functools.lru_cache(maxsize=256)
+def _rdp_per_step(sample_rate: float, sigma: float) -> tuple[float, ...]:
+    return tuple(compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS))
+
+
+def rdp_epsilon(events: list[Event], delta: float) -> float:
+    """What Opacus' RDPAccountant says for this history, without recomputing the RDP of each entry:
+    RDP adds up over steps, so each (σ, q) is computed once and scaled by its steps."""
+    rdp = sum(steps * np.asarray(_rdp_per_step(q, sigma)) for sigma, q, steps in events)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "optimal order is the largest alpha": ε is still valid
+        eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    return float(eps)
 
 
 class LedgerError(RuntimeError):
-    """The ledger exists but cannot be trusted; the site must stop rather than reset it to zero."""
+    """The ledger is missing, unreadable or altered: the site must stop rather than start from zero."""
+
+
+def _digest(entry: dict[str, Any]) -> str:
+    body = {k: v for k, v in entry.items() if k != "hash"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def verify(lines: list[str]) -> list[dict[str, Any]]:
+    """The entries, if the chain holds from the genesis line to the last; LedgerError otherwise."""
+    entries, prev = [], GENESIS_PREV
+    for number, line in enumerate(lines, start=1):
+        try:
+            entry = json.loads(line)
+        except ValueError as err:
+            raise LedgerError(f"line {number} is not JSON") from err
+        if not isinstance(entry, dict) or entry.get("prev") != prev or entry.get("hash") != _digest(entry) or entry.get("seq") != number - 1:
+            raise LedgerError(f"line {number} breaks the hash chain (edited, removed or reordered)")
+        entries.append(entry)
+        prev = entry["hash"]
+    if not entries or entries[0].get("kind") != "genesis":
+        raise LedgerError("the ledger does not start with its genesis line")
+    return entries
 
 
 class PrivacyLedger:
-    def __init__(self, ledger_dir: str | Path, fingerprint: str, site: str) -> None:
-        self.path = Path(ledger_dir) / f"privacy_ledger-{fingerprint}.json"
-        self.site, self.fingerprint = site, fingerprint
-        self.history: list[Event] = []
-        self.non_private_rounds = 0
-        self.rounds: list[dict] = []
-        if self.path.exists():
-            self._load()
+    def __init__(self, path: str | Path, entries: list[dict[str, Any]]) -> None:
+        self.path, self.entries = Path(path), entries
+
+    @classmethod
+    def create(cls, path: str | Path, site: str) -> PrivacyLedger:
+        """A new site's ledger: its genesis line. Refuses to replace an existing one."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ledger = cls(path, [])
+        with open(path, "x") as fh:
+            fh.write(json.dumps(ledger._entry("genesis", {"site": site}), sort_keys=True) + "\n")
+        path.chmod(0o600)
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: str | Path, genesis: str | None = None) -> PrivacyLedger:
+        """The ledger at `path`, checked; `genesis` (the hash the site policy names) must match."""
+        path = Path(path)
+        if not path.is_file():
+            raise LedgerError(f"the privacy ledger {path} is missing. fedseg never starts a site's ledger again from zero: "
+                              "restore it from backup, or ask your privacy officer")
+        try:
+            entries = verify(path.read_text().splitlines())
+        except (OSError, UnicodeDecodeError, LedgerError) as err:
+            raise LedgerError(f"the privacy ledger {path} cannot be trusted ({err}). It is not reset: restore it from "
+                              "backup, or ask your privacy officer") from err
+        if genesis is not None and entries[0]["hash"] != genesis:
+            raise LedgerError(f"the privacy ledger {path} is not the one this site's policy names (another genesis): "
+                              "restore the site's own ledger from backup")
+        return cls(path, entries)
+
+    @property
+    def genesis(self) -> str:
+        return self.entries[0]["hash"]
+
+    @property
+    def history(self) -> list[Event]:
+        return [tuple(e["event"]) for e in self.entries if e["kind"] == "train"]  # type: ignore[misc]
+
+    def epsilon(self, delta: float, planned: list[Event] | None = None) -> float:
+        """Patient-level ε spent so far (plus `planned`), from Opacus' RDP accountant; ∞ once any
+        round trained without noise."""
+        events = self.history + list(planned or [])
+        if any(sigma <= 0 for sigma, _, _ in events):
+            return math.inf
+        if not events:
+            return 0.0
+        return rdp_epsilon(events, delta)
 
     @contextmanager
     def locked(self) -> Iterator[PrivacyLedger]:
-        """Exclusive use of the ledger across processes, re-read from disk once the lock is held."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Exclusive use across processes from a budget check to the line that records it; the
+        ledger is re-read and re-checked once the lock is held."""
         with open(self.path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                if self.path.exists():
-                    self._load()
+                self.entries = PrivacyLedger.open(self.path, self.genesis).entries
                 yield self
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _load(self) -> None:
-        try:
-            data = json.loads(self.path.read_text())
-            self.history = [(float(s), float(q), int(n)) for s, q, n in data["accountant_history"]]
-            self.non_private_rounds = int(data["non_private_rounds"])
-            self.rounds = list(data["rounds"])
-            if data["fingerprint"] != self.fingerprint:
-                raise ValueError("fingerprint mismatch")
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise LedgerError(
-                f"privacy ledger {self.path} is unreadable or corrupt ({err}). It is not reset: restore it "
-                f"from backup, or ask your privacy officer before removing it."
-            ) from err
+    def _entry(self, kind: str, fields: dict[str, Any]) -> dict[str, Any]:
+        prev = self.entries[-1]["hash"] if self.entries else GENESIS_PREV
+        entry = {"seq": len(self.entries), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kind": kind, **fields, "prev": prev}
+        return {**entry, "hash": _digest(entry)}
 
-    def epsilon(self, delta: float, planned: list[Event] | None = None) -> float:
-        """ε spent so far (plus `planned` steps), from Opacus' RDP accountant."""
-        if self.non_private_rounds:
-            return math.inf
-        events = self.history + list(planned or [])
-        if not events:
-            return 0.0
-        accountant = RDPAccountant()
-        accountant.history = events
-        return float(accountant.get_epsilon(delta))
-
-    def record_round(self, history: list[Event], delta: float, run: str, server_round: int, private: bool) -> float:
-        """Replace the accountant history with the one after this round, persist it, return ε."""
-        self.history = [tuple(e) for e in history]
-        if not private:
-            self.non_private_rounds += 1
-        eps = self.epsilon(delta)
-        self.rounds.append({"run": run, "round": server_round, "private": private, "epsilon": eps, "delta": delta, "time": time.time()})
-        self._write()
-        return eps
-
-    def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"site": self.site, "fingerprint": self.fingerprint, "accountant": "rdp",
-                   "accountant_history": self.history, "non_private_rounds": self.non_private_rounds, "rounds": self.rounds}
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=1, default=str)
+    def append(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """One line, flushed and fsynced before anything it describes leaves the site."""
+        entry = self._entry(kind, json.loads(json.dumps(fields, default=str)))
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(entry, sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        self.entries.append(entry)
+        return entry

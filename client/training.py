@@ -1,98 +1,139 @@
-"""One round of local training at a site (Opacus DP-SGD unless the run is a non-DP baseline), and
-validation of a model on the site's held-out patients."""
+"""One round of local training at a site: DP-SGD with the *patient* as the unit of privacy, and
+validation of a model on the site's held-out patients.
+
+Each step Poisson-samples patients (not slices); a sampled patient contributes a fixed number of its
+slices, drawn by the site, and the gradient of that patient's loss is clipped as one (per-patient
+gradients by `torch.func.vmap`; clipping, noise and averaging by Opacus' DPOptimizer). Opacus' RDP
+accountant over (σ, patient sampling rate, steps) then bounds what any one patient can change.
+The sampler and the noise draw from a generator the site seeds from the OS: nobody who knows the run
+config can replay or subtract them. The run seed only drives augmentation.
+"""
 
 from __future__ import annotations
 
+import functools
 import math
+import secrets
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
-from torch.utils.data import DataLoader
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch.func import functional_call, grad_and_value, vmap
 
-from client.privacy_ledger import PrivacyLedger
 from common.config import TrainSettings
-from common.dataset import SiteData, SliceDataset
-from common.losses import segmentation_loss
+from common.dataset import Patient, SiteData, augmentation
+from common.losses import patient_loss
 from common.metrics import class_metrics, foreground_dice
 
-
-# Opacus' hooks on the first layer fire without input gradients: expected, and harmless.
-warnings.filterwarnings("ignore", message="Full backward hook is firing")
+Event = tuple[float, float, int]  # (noise multiplier, sample rate, steps): one accountant entry
 
 
-class BudgetExhausted(RuntimeError):
-    """Training this round would push the site past its ε budget."""
+@dataclass(frozen=True)
+class RoundPlan:
+    """What a round will spend, known before any data is touched."""
 
-
-@dataclass
-class RoundResult:
-    train_loss: float
+    sample_rate: float  # expected patients per step / training patients
     steps: int
-    noise_multiplier: float
-    epsilon: float
+    noise_multiplier: float  # 0: not private
+
+    @property
+    def event(self) -> Event:
+        return (self.noise_multiplier, self.sample_rate, self.steps)
 
 
-def plan_noise(settings: TrainSettings, sample_rate: float) -> float:
-    """σ for this site: given explicitly, or calibrated so the whole run spends the target ε."""
-    if settings.noise_multiplier > 0:
-        return settings.noise_multiplier
-    return float(get_noise_multiplier(
-        target_epsilon=settings.target_epsilon, target_delta=settings.delta, sample_rate=sample_rate,
-        epochs=settings.num_rounds * settings.local_epochs, accountant="rdp",
-    ))
+def plan_round(settings: TrainSettings, num_patients: int, delta: float) -> RoundPlan:
+    """Patient sampling rate and steps for `local_epochs` expected passes over the patients; σ as
+    given, or calibrated so the run's rounds together spend the target ε (at the site's δ)."""
+    q = min(1.0, settings.batch_size / num_patients)
+    steps = max(1, round(settings.local_epochs / q))
+    if not settings.private:
+        return RoundPlan(q, steps, 0.0)
+    sigma = settings.noise_multiplier or calibrated_noise(settings.target_epsilon, delta, q, steps * settings.num_rounds)
+    return RoundPlan(q, steps, sigma)
 
 
-def train_round(model: torch.nn.Module, data: SiteData, settings: TrainSettings, ledger: PrivacyLedger,
-                epsilon_budget: float, device: torch.device, run: str) -> RoundResult:
-    """Local epochs from the global weights; refuses (BudgetExhausted) before touching the data."""
-    torch.manual_seed(settings.seed * 100_003 + settings.server_round)
-    dataset = SliceDataset(data.train_images, data.train_masks, augment=True, seed=settings.seed + settings.server_round)
-    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True)
-    sample_rate = 1.0 / len(loader)  # what Opacus' Poisson sampler uses
-    steps = settings.local_epochs * len(loader)
-    sigma = plan_noise(settings, sample_rate) if settings.private else 0.0
-    planned = ledger.epsilon(settings.delta, [(sigma, sample_rate, steps)]) if settings.private else math.inf
-    if planned > epsilon_budget:
-        spent = ledger.epsilon(settings.delta)
-        raise BudgetExhausted(f"training round {settings.server_round} would raise ε from {spent:.3g} to {planned:.3g}, "
-                              f"over this site's budget of {epsilon_budget:.3g} (δ={settings.delta:g})")
+@functools.lru_cache(maxsize=64)
+def calibrated_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """Opacus' calibration (seconds of RDP maths): once per run and site, not every round."""
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                      steps=steps, accountant="rdp"))
+
+
+def os_seeded_generator(device: torch.device) -> torch.Generator:
+    """A generator nobody outside this process can predict (Opacus' secure_mode wants torchcsprng,
+    unmaintained for current torch; its secure noise path takes any generator)."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+
+
+def _slices(patient: Patient, count: int, generator: torch.Generator) -> np.ndarray:
+    """`count` of the patient's slices (with replacement only when it has fewer)."""
+    n = len(patient.images)
+    if n >= count:
+        return torch.randperm(n, generator=generator)[:count].numpy()
+    return torch.randint(n, (count,), generator=generator).numpy()
+
+
+def train_round(model: torch.nn.Module, patients: Sequence[Patient], settings: TrainSettings, plan: RoundPlan,
+                slices_per_patient: int, device: torch.device) -> float:
+    """`plan.steps` steps from the global weights; returns the mean training loss of sampled patients."""
+    noise = os_seeded_generator(torch.device("cpu"))
+    augment = augmentation(settings.seed * 100_003 + settings.server_round)
     model.to(device).train()
     global_weights = [p.detach().clone() for p in model.parameters()]
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.learning_rate, momentum=settings.momentum)
-    engine = None
-    if settings.private:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the secure-RNG notice; README's privacy section covers it
-            engine = PrivacyEngine(accountant="rdp")
-            engine.accountant.history = list(ledger.history)  # compose with every earlier round and run
-            model, optimizer, loader = engine.make_private(
-                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-                max_grad_norm=settings.max_grad_norm, poisson_sampling=True,
-            )
-    loss_fn = segmentation_loss()
-    losses = []
-    for _ in range(settings.local_epochs):
-        for images, masks in loader:
-            images, masks = images.to(device), masks.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            logits = model(images)
-            # An empty Poisson batch still takes a (pure-noise) step, as the accountant assumes.
-            loss = loss_fn(logits, masks) if len(images) else logits.sum() * 0.0
-            loss.backward()
-            optimizer.step()
-            if len(images):
-                losses.append(float(loss.detach()))
-            if settings.proximal_mu > 0:  # FedProx pull towards the global model: data-independent
-                with torch.no_grad():
-                    for p, g in zip(model.parameters(), global_weights):
-                        p.sub_(settings.learning_rate * settings.proximal_mu * (p - g))
-    history = engine.accountant.history if engine else ledger.history
-    epsilon = ledger.record_round(history, settings.delta, run, settings.server_round, settings.private)
-    return RoundResult(float(np.mean(losses)) if losses else math.nan, steps, sigma, epsilon)
+    names = [n for n, _ in model.named_parameters()]
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    expected_batch = plan.sample_rate * len(patients)
+    optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=settings.learning_rate, momentum=settings.momentum)
+    if plan.noise_multiplier > 0:
+        optimizer = DPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=settings.max_grad_norm,
+                                expected_batch_size=expected_batch, generator=noise, secure_mode=True)
+    loss_fn = patient_loss()
+
+    def loss_of(params: dict[str, torch.Tensor], images: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        return loss_fn(functional_call(model, (params, buffers), (images,)), onehot)
+
+    per_patient = vmap(grad_and_value(loss_of), in_dims=(None, 0, 0))
+    num_classes = model.state_dict()[names[-1]].shape[0]
+    sampler = UniformWithReplacementSampler(num_samples=len(patients), sample_rate=plan.sample_rate, generator=noise, steps=plan.steps)
+    losses: list[float] = []
+    for batch in sampler:
+        optimizer.zero_grad(set_to_none=True)
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        if batch:
+            images, masks = _batch([patients[i] for i in batch], slices_per_patient, augment, noise)
+            onehot = torch.nn.functional.one_hot(masks.to(device), num_classes).movedim(-1, 2).float()
+            grads, loss = per_patient(params, images.to(device), onehot)
+            losses.extend(loss.detach().cpu().tolist())
+        else:  # an empty Poisson batch still takes a (noise-only) step, as the accountant assumes
+            grads = {n: torch.zeros((0, *p.shape), device=device) for n, p in params.items()}
+        for name, p in model.named_parameters():
+            if isinstance(optimizer, DPOptimizer):
+                p.grad_sample = grads[name]
+            else:
+                p.grad = grads[name].sum(0) / expected_batch
+        optimizer.step()
+        if settings.proximal_mu > 0:  # FedProx pull towards the global model: data-independent
+            with torch.no_grad():
+                for p, g in zip(model.parameters(), global_weights):
+                    p.sub_(settings.learning_rate * settings.proximal_mu * (p - g))
+    return float(np.mean(losses)) if losses else math.nan
+
+
+def _batch(patients: Sequence[Patient], count: int, augment, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """[patients, count, 1, S, S] images and [patients, count, S, S] class indices, augmented."""
+    images, masks = [], []
+    for patient in patients:
+        for k in _slices(patient, count, generator):
+            item = augment({"image": patient.images[k], "mask": patient.masks[k].astype(np.float32)})
+            images.append(torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32))
+            masks.append(torch.as_tensor(np.asarray(item["mask"]))[0].round().long())
+    shape = (len(patients), count)
+    return torch.stack(images).reshape(*shape, *images[0].shape), torch.stack(masks).reshape(*shape, *masks[0].shape)
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, help=f"federated rounds (default {RUN_DEFAULTS['num-server-rounds']})")
     parser.add_argument("--local-epochs", type=int, default=RUN_DEFAULTS["local-epochs"])
     parser.add_argument("--epsilon", type=float, default=RUN_DEFAULTS["target-epsilon"],
-                        help="target ε for the whole run, per site; 'inf' turns DP off (baseline)")
+                        help="target patient-level ε for the whole run, per site; 'inf' turns DP off (baseline)")
     parser.add_argument("--noise-multiplier", type=float, default=RUN_DEFAULTS["noise-multiplier"],
                         help="fixed DP-SGD noise multiplier instead of calibrating to --epsilon")
     parser.add_argument("--delta", type=float, default=RUN_DEFAULTS["delta"])
@@ -71,16 +71,17 @@ def _run_overrides(args: argparse.Namespace, min_sites: int | None, run_dir: Pat
 def _describe(config: dict[str, Any]) -> str:
     eps, sigma = float(config["target-epsilon"]), float(config["noise-multiplier"])
     dp = ("off (ε = ∞ baseline)" if not math.isfinite(eps) and sigma <= 0
-          else f"noise multiplier {sigma}" if sigma > 0 else f"target ε {eps:g} over the run")
+          else f"noise multiplier {sigma}" if sigma > 0 else f"target patient-level ε {eps:g} over the run")
     return (f"{config['num-server-rounds']} rounds x {config['local-epochs']} local epochs, {config['strategy']}, DP {dp}, "
             f"δ {config['delta']:g}, at least {config['min-sites']} sites per round")
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from client.client_app import SiteConfig, preflight
+    from client.privacy_ledger import LedgerError
+    from client.site_policy import PolicyError
     from simulations.faults import parse_faults
     from simulations.federation import build_federation
-    from simulations.simulate import budget_for, run_simulation, site_folders
+    from simulations.simulate import budget_for, prepare_sites, run_simulation, site_folders, site_policy_for
 
     try:
         faults = parse_faults(args.fault)
@@ -96,16 +97,23 @@ def _simulate(args: argparse.Namespace) -> int:
     min_sites = min(args.min_sites, len(sites)) if args.min_sites else (None if args.resume else len(sites))
     overrides = _run_overrides(args, min_sites, run_dir)
     budget = budget_for(float(overrides["target-epsilon"]), args.epsilon_budget)
-    ledger_dir = Path(args.ledger_dir or run_dir / "privacy_ledgers")
-    if args.data_root:  # foreign data: show each site's load report before spending minutes on Ray
-        for folder in sites:
-            preflight(SiteConfig(Path(folder).name, folder, str(ledger_dir), budget), run_config(overrides))
-    print(f"{'resuming ' + str(run_dir) if args.resume else 'simulating'}: {len(sites)} sites, {_describe(overrides)}, site budget ε {budget}")
+    # Real site folders keep their policy and ledger beside the data, for every later run on the same
+    # patients; the built-in synthetic sites get fresh ones in the run folder.
+    state_root = Path(args.ledger_dir or (Path(args.data_root) / ".fedseg-sites" if args.data_root else run_dir / "sites"))
+    try:
+        guards = prepare_sites(sites, state_root, site_policy_for(overrides, budget))
+        if args.data_root:  # foreign data: show each site's load report before spending minutes on Ray
+            for guard in guards:
+                print(guard.load(("background", *guard.policy.classes), int(overrides["image-size"])).report.format())
+    except (PolicyError, LedgerError, ValueError, OSError) as err:
+        raise SystemExit(f"cannot simulate: {err}") from err
+    print(f"{'resuming ' + str(run_dir) if args.resume else 'simulating'}: {len(sites)} sites, {_describe(overrides)}, "
+          f"site budget patient-level ε {budget}")
     for index, kinds in sorted(faults.items()):
         if index >= len(sites):
             raise SystemExit(f"--fault names site {index + 1}, but there are {len(sites)} sites")
         print(f"fault injection: {Path(sites[index]).name} sends {', '.join(kinds)} (one per round, in turn)")
-    run_simulation(sites, run_dir, overrides, budget, ledger_dir, faults)
+    run_simulation(sites, run_dir, overrides, state_root, faults)
     return 0
 
 
@@ -174,33 +182,75 @@ def _run(args: argparse.Namespace) -> int:
     return start_run(folder, config, args.verbose)
 
 
-def _site_key(args: argparse.Namespace) -> int:
+def _site_init(args: argparse.Namespace) -> int:
+    from client.site_state import SiteState
+    from client.site_policy import PolicyError
     from common.credentials import create_site_keys
 
-    keys = create_site_keys(Path(args.site_dir), args.comment or Path(args.site_dir).resolve().name)
-    print(f"site key pair in {keys.folder}:\n  {keys.private_key} stays here (owner-only)\n"
-          f"  send {keys.public_key} to the coordinator to be registered")
+    root = Path(args.site_dir)
+    name = args.name or root.resolve().name
+    values = {"epsilon_budget": args.epsilon_budget, "delta": args.delta, "min_noise_multiplier": args.min_noise_multiplier,
+              "classes": tuple(c.strip() for c in args.classes.split(",") if c.strip())}
+    state = SiteState(root)
+    if state.policy_file.exists() or state.ledger_file.exists():
+        raise SystemExit(f"{root} is already set up (site_policy.toml / privacy_ledger): fedseg never replaces them")
+    try:
+        policy, ledger, _ = state.open(name, values)
+    except PolicyError as err:
+        raise SystemExit(str(err)) from err
+    keys = create_site_keys(root, name)
+    root.chmod(0o700)  # policy, ledger and key: the site's alone
+    print(f"site {name} set up in {root}:\n  {keys.private_key} stays here (owner-only); send {keys.public_key} to the coordinator\n"
+          f"  {state.policy_file}: patient-level ε budget {policy.epsilon_budget:g}, δ {policy.delta:g}, noise multiplier ≥ "
+          f"{policy.min_noise_multiplier:g}, classes {', '.join(policy.classes)} — review it with your privacy officer\n"
+          f"  {ledger.path}: the privacy ledger and audit log (`fedseg audit {root}`); back it up, never delete it")
     return 0
 
 
 def _site(args: argparse.Namespace) -> int:
-    from client.client_app import SiteConfig, preflight
+    import torch
+
+    from client.guard import budget_line, open_guard
+    from client.isolation import IsolationError
     from client.privacy_ledger import LedgerError
-    from client.supernode import SiteFolder, run_site
+    from client.site_policy import PolicyError
+    from client.supernode import SiteError, SiteFolder, run_site
 
     folder = SiteFolder(Path(args.site_dir))
     name = args.name or folder.root.resolve().name
     data = _local_data(args.data, folder.root / "pacs")
-    site = SiteConfig(name, str(data.resolve()), str(folder.ledger_dir.resolve()), args.epsilon_budget)
     if args.insecure:
         print("WARNING: --insecure: no TLS and no site authentication. Local tests only.", flush=True)
     elif not args.ca_cert:
         raise SystemExit("--ca-cert is required: the federation's ca.crt from the coordinator (or --insecure for a local test)")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     try:
-        preflight(site)
-    except (ValueError, FileNotFoundError, LedgerError) as err:
+        guard, _ = open_guard(folder.state, name, data.resolve())
+        classes = ("background", *guard.policy.classes)
+        site_data = guard.load(classes, int(RUN_DEFAULTS["image-size"]))
+        print(site_data.report.format())
+        print(f"{name}: {len(site_data.train)} training patients ({site_data.train_slices} slices), {len(site_data.validation)} "
+              f"validation patients; {budget_line(guard)}", flush=True)
+        return run_site(folder, guard, args.server, None if args.insecure else Path(args.ca_cert), args.runtime_port, args.verbose)
+    except (PolicyError, LedgerError, IsolationError, SiteError, ValueError, OSError) as err:
         raise SystemExit(f"site {name} cannot start: {err}") from err
-    return run_site(folder, site, args.server, None if args.insecure else Path(args.ca_cert), args.runtime_port, args.threads, args.verbose)
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from client.audit import audit_table
+    from client.site_state import SiteState
+    from client.privacy_ledger import LedgerError, PrivacyLedger
+    from client.site_policy import PolicyError, SitePolicy
+
+    state = SiteState(Path(args.site_dir))
+    try:
+        policy = SitePolicy.load(state.policy_file)
+        ledger = PrivacyLedger.open(state.ledger_file, policy.ledger_genesis or None)
+    except (PolicyError, LedgerError) as err:
+        raise SystemExit(f"AUDIT FAILED: {err}") from err
+    print(audit_table(ledger, policy))
+    return 0
 
 
 def _local_data(source: str, cache: Path, study: str | None = None) -> Path:
@@ -281,13 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--sites", type=int, default=3, help="number of built-in synthetic sites (default 3)")
     sim.add_argument("--data-root", help="use existing site folders (each subfolder one site) instead of built-in data")
     _run_options(sim)
-    sim.add_argument("--epsilon-budget", type=float, default=None, help="each site's ε budget (default: --epsilon)")
+    sim.add_argument("--epsilon-budget", type=float, default=None, help="each site's patient-level ε budget (default: --epsilon)")
     sim.add_argument("--min-sites", type=int, default=None, help="sites needed per round (default: all)")
     sim.add_argument("--size", choices=("default", "tiny"), default="default", help="built-in federation size")
     sim.add_argument("--fault", action="append", default=[], metavar="SITE:KIND[,KIND...]",
                      help="make site number SITE faulty, one KIND per round in turn: crash, nan, shape, scale (100x update)")
     sim.add_argument("--out", help="run folder (default runs/simulate-<time>)")
-    sim.add_argument("--ledger-dir", help="privacy ledgers (default RUN_DIR/privacy_ledgers)")
+    sim.add_argument("--ledger-dir", help="sites' policies and privacy ledgers (default: DATA_ROOT/.fedseg-sites with "
+                     "--data-root, so every run on the same patients adds up; RUN_DIR/sites for built-in data)")
     sim.add_argument("--cache-dir", default=os.environ.get("FEDSEG_CACHE", str(Path.home() / ".cache" / "fedseg")),
                      help="where the built-in federation is generated once")
     sim.set_defaults(func=_simulate)
@@ -329,20 +380,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", help="run folder, relative to the server folder (default runs/<time>)")
     run.set_defaults(func=_run)
 
-    key = sub.add_parser("site-key", help="hospital IT: create this site's key pair (send site.pub to the coordinator)")
-    key.add_argument("site_dir", help="site folder (site.key, site.pub)")
-    key.add_argument("--comment", help="label in site.pub (default: the folder name)")
-    key.set_defaults(func=_site_key)
+    init = sub.add_parser("site-init", help="hospital IT: set up a site: key pair, site policy, privacy ledger")
+    init.add_argument("site_dir", help="site folder (site.key, site.pub, site_policy.toml, privacy_ledger/)")
+    init.add_argument("--name", help="site name (default: the folder name)")
+    init.add_argument("--epsilon-budget", type=float, default=RUN_DEFAULTS["target-epsilon"],
+                      help="the most patient-level ε this site will ever spend, over all runs")
+    init.add_argument("--delta", type=float, default=RUN_DEFAULTS["delta"], help="the site's δ (below 1 / patients)")
+    init.add_argument("--min-noise-multiplier", type=float, default=0.5, help="no round trains with less DP noise")
+    init.add_argument("--classes", default=RUN_DEFAULTS["classes"], help="the classes runs may ask this site to segment")
+    init.set_defaults(func=_site_init)
+
+    audit = sub.add_parser("audit", help="privacy officer: every release and refusal of a site, with the ledger's hash chain checked")
+    audit.add_argument("site_dir")
+    audit.set_defaults(func=_audit)
 
     site = sub.add_parser("site", help="hospital IT: check this site's data, then connect to the server and train")
-    site.add_argument("site_dir", help="site folder: site.key, privacy_ledger/, logs/")
+    site.add_argument("site_dir", help="site folder made by `fedseg site-init`: site.key, site_policy.toml, privacy_ledger/, logs/")
     site.add_argument("--data", required=True, help="the site's DICOM (+ DICOM-SEG / NIfTI masks) folder, or its PACS' "
                                                   "DICOMweb URL (pulled into SITE_DIR/pacs first)")
     site.add_argument("--server", required=True, help="the aggregation server, HOST:PORT")
     site.add_argument("--ca-cert", help="the federation's ca.crt, from the coordinator")
     site.add_argument("--name", help="site name (default: the site folder's name)")
-    site.add_argument("--epsilon-budget", type=float, default=RUN_DEFAULTS["target-epsilon"],
-                      help="the most ε this site will ever spend on this data, over all runs")
     site.add_argument("--runtime-port", type=int, default=0, help="local port for the SuperNode's app runtime (default: a free one)")
     site.add_argument("--threads", type=int, default=0,
                       help="CPU threads for training (default: all cores; use 1 when several sites share one machine)")

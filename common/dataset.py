@@ -2,19 +2,21 @@
 
 Preprocessing is modality-aware (CT: a fixed HU window, so calibrated scanners agree; MR and others:
 per-volume percentiles, since their intensities have no absolute scale) and resamples every slice to
-one in-plane size. The split is by patient: slices of one patient never sit on both sides.
+one in-plane size. Each patient is processed from its own volume alone (patient-level DP needs
+that). The split is by patient and chosen by the site (a keyed hash of the PatientID), never by the
+server: slices of one patient never sit on both sides, and an added patient moves no other.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from monai.transforms import (
     Compose,
     RandAffined,
@@ -42,14 +44,24 @@ class Volume:
 
 
 @dataclass
+class Patient:
+    """One training patient: the unit of privacy. All its series' slices, preprocessed."""
+
+    patient_id: str
+    images: np.ndarray  # [slices, 1, S, S] float32
+    masks: np.ndarray  # [slices, 1, S, S] uint8
+
+
+@dataclass
 class SiteData:
     folder: str
-    train_images: np.ndarray  # [N, 1, S, S] float32
-    train_masks: np.ndarray  # [N, 1, S, S] uint8
+    train: list[Patient]
     validation: list[Volume]
-    train_patients: list[str]
-    fingerprint: str  # identifies the training data, keys the privacy ledger
-    report: LoadReport
+    report: LoadReport | None
+
+    @property
+    def train_slices(self) -> int:
+        return sum(len(p.images) for p in self.train)
 
 
 def normalise(volume: np.ndarray, modality: str) -> np.ndarray:
@@ -76,56 +88,37 @@ def preprocess(ls: LabelledSeries, size: int) -> Volume:
     return Volume(s.patient_id, prepare_image(s, size), np.asarray(mask).astype(np.uint8), spacing)
 
 
-def split_patients(patients: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Deterministic patient-level split; every site with 2+ patients keeps at least one for validation."""
+def split_patients(patients: Sequence[str], val_fraction: float, key: bytes) -> tuple[list[str], list[str]]:
+    """Validation patients by a keyed hash of the PatientID: the site's key, not the server's seed,
+    decides, and the choice is stable when patients are added. Every site with 2+ patients keeps at
+    least one for validation and one for training."""
     unique = sorted(set(patients))
-    rng = np.random.default_rng(seed)
-    shuffled = [unique[i] for i in rng.permutation(len(unique))]
-    n_val = 0 if len(unique) < 2 else min(len(unique) - 1, max(1, round(val_fraction * len(unique))))
-    return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
+    bucket = {p: int.from_bytes(hmac.new(key, p.encode(), hashlib.sha256).digest()[:8], "big") / 2**64 for p in unique}
+    val = [p for p in unique if bucket[p] < val_fraction]
+    if len(unique) >= 2 and not val:
+        val = [min(unique, key=bucket.__getitem__)]
+    if len(val) == len(unique) and len(unique) >= 2:
+        val.remove(max(val, key=bucket.__getitem__))
+    return sorted(set(unique) - set(val)), sorted(val)
 
 
 @functools.lru_cache(maxsize=8)
-def load_site(folder: str, class_names: tuple[str, ...], size: int, val_fraction: float, seed: int) -> SiteData:
-    """Load once per process: a ClientApp is re-created every round, its site data need not be."""
+def load_site(folder: str, class_names: tuple[str, ...], size: int, val_fraction: float, split_key: bytes = b"") -> SiteData:
+    """Load once per process (the site guard keeps it warm)."""
     labelled, report = load_site_series(Path(folder), class_names)
-    train_ids, val_ids = split_patients([ls.series.patient_id for ls in labelled], val_fraction, seed)
-    volumes = {id(ls): preprocess(ls, size) for ls in labelled}
-    train = [volumes[id(ls)] for ls in labelled if ls.series.patient_id in train_ids]
-    digest = hashlib.sha256()
-    for ls in sorted(labelled, key=lambda x: x.series.uid):
-        if ls.series.patient_id in train_ids:
-            digest.update("\n".join(ls.series.sop_uids).encode())
-    return SiteData(
-        folder=folder,
-        train_images=np.concatenate([v.image for v in train]),
-        train_masks=np.concatenate([v.mask for v in train])[:, None],
-        validation=[volumes[id(ls)] for ls in labelled if ls.series.patient_id in val_ids],
-        train_patients=train_ids,
-        fingerprint=digest.hexdigest()[:16],
-        report=report,
-    )
+    train_ids, val_ids = split_patients([ls.series.patient_id for ls in labelled], val_fraction, split_key)
+    volumes = [(ls.series.patient_id, preprocess(ls, size)) for ls in labelled]
+    train = [Patient(pid, np.concatenate([v.image for p, v in volumes if p == pid]),
+                     np.concatenate([v.mask for p, v in volumes if p == pid])[:, None]) for pid in train_ids]
+    return SiteData(folder=folder, train=train, validation=[v for p, v in volumes if p in val_ids], report=report)
 
 
-class SliceDataset(torch.utils.data.Dataset):
-    """Training slices with MONAI's dictionary augmentations (geometry applied to image and mask)."""
-
-    def __init__(self, images: np.ndarray, masks: np.ndarray, augment: bool, seed: int = 0) -> None:
-        self.images, self.masks = images, masks
-        self.augment = Compose([
-            RandAffined(keys=("image", "mask"), prob=0.5, rotate_range=0.2, scale_range=0.1, mode=("bilinear", "nearest"), padding_mode="zeros"),
-            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-            RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
-            RandGaussianNoised(keys="image", std=0.02, prob=0.3),
-        ]).set_random_state(seed) if augment else None
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        item = {"image": self.images[index], "mask": self.masks[index].astype(np.float32)}
-        if self.augment is not None:
-            item = self.augment(item)
-        image = torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32)
-        mask = torch.as_tensor(np.asarray(item["mask"])).round().long()
-        return image, mask
+def augmentation(seed: int) -> Compose:
+    """MONAI dictionary augmentations for one training slice (geometry applied to image and mask):
+    a function of that slice alone, so it is part of its patient's own processing."""
+    return Compose([
+        RandAffined(keys=("image", "mask"), prob=0.5, rotate_range=0.2, scale_range=0.1, mode=("bilinear", "nearest"), padding_mode="zeros"),
+        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+        RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
+        RandGaussianNoised(keys="image", std=0.02, prob=0.3),
+    ]).set_random_state(seed)

@@ -1,7 +1,7 @@
-"""Dice + cross-entropy, computed per sample.
+"""Dice + cross-entropy for one patient's slices.
 
-`batch=False` keeps each sample's Dice independent of the others in the batch: DP-SGD clips
-per-sample gradients, which is only meaningful when a sample's loss depends on that sample alone.
+Under patient-level DP the loss is a function of one patient alone: its Dice is pooled over that
+patient's slices (`batch=True` inside a per-patient call), never over other patients.
 """
 
 from __future__ import annotations
@@ -10,6 +10,6 @@ import torch
 from monai.losses import DiceCELoss
 
 
-def segmentation_loss() -> torch.nn.Module:
-    """Mean over the batch of per-sample (soft Dice + CE); labels are class indices [B, 1, H, W]."""
-    return DiceCELoss(to_onehot_y=True, softmax=True, batch=False, include_background=False)
+def patient_loss() -> torch.nn.Module:
+    """Soft Dice (pooled over the given slices) + CE; labels one-hot [slices, C, H, W]."""
+    return DiceCELoss(softmax=True, batch=True, include_background=False)

@@ -63,10 +63,10 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def reap_orphans(keep: int) -> None:
+def reap_orphans(keep: Sequence[int] = ()) -> None:
     """Collect adopted orphans that have exited (all our zombie children but `keep`, which Popen owns)."""
     for pid, (parent, state) in _process_table().items():
-        if parent == os.getpid() and state == "Z" and pid != keep:
+        if parent == os.getpid() and state == "Z" and pid not in keep:
             try:
                 os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
@@ -84,16 +84,16 @@ def stop_descendants(grace: float = 5.0) -> None:
                 pass
         deadline = time.monotonic() + grace
         while pids and descendants(os.getpid()) and time.monotonic() < deadline:
-            reap_orphans(keep=-1)
+            reap_orphans()
             time.sleep(0.2)
-    reap_orphans(keep=-1)
+    reap_orphans()
 
 
 class FlowerProcess:
     """One child process whose output is logged in full and shown filtered."""
 
     def __init__(self, command: Sequence[str], env: dict[str, str], cwd: Path, log_file: Path | None,
-                 verbose: bool = False, console: bool = True) -> None:
+                 verbose: bool = False, console: bool = True, user: int | None = None, group: int | None = None) -> None:
         self.command = list(command)
         self.log_file = log_file
         self.verbose = verbose
@@ -103,7 +103,8 @@ class FlowerProcess:
             log_file.parent.mkdir(parents=True, exist_ok=True)
         adopt_orphans()
         self.proc = subprocess.Popen(self.command, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)
+                                     stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
+                                     user=user, group=group, extra_groups=[] if user is not None else None)
         self._pump = threading.Thread(target=self._copy_output, daemon=True)
         self._pump.start()
 
@@ -183,9 +184,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def run_until_stopped(proc: FlowerProcess) -> int:
-    """Block until the child exits or we are told to stop (Ctrl-C, SIGTERM); then stop the child and
-    whatever it left behind."""
+def run_until_stopped(proc: FlowerProcess, *others: FlowerProcess) -> int:
+    """Block until the child (or any of `others`) exits or we are told to stop (Ctrl-C, SIGTERM); then
+    stop them all and whatever they left behind. Returns the first child's exit code."""
     stopping = threading.Event()
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
@@ -193,11 +194,13 @@ def run_until_stopped(proc: FlowerProcess) -> int:
 
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while proc.running() and not stopping.is_set():
+        while proc.running() and all(p.running() for p in others) and not stopping.is_set():
             stopping.wait(0.5)
-            reap_orphans(keep=proc.pid)
+            reap_orphans(keep=[proc.pid, *(p.pid for p in others)])
         if stopping.is_set():
             print("stopping ...", flush=True)
+        for other in others:
+            other.stop()
         code = proc.stop()
         stop_descendants()
         return code

@@ -94,14 +94,15 @@ def _participation(history: dict, path: Path) -> Path:
 
 
 def _overlays(run_dir: Path, site_dirs: Sequence[str], path: Path, per_site: int = 2) -> Path | None:
-    """Truth and prediction side by side on the validation slices of each site with the most foreground."""
-    from client.client_app import SiteConfig, site_data
+    """Truth and prediction side by side on one patient per site, on its slices with the most
+    foreground (drawn only where the data is: a simulation's researcher, or at the site itself)."""
+    from common.dataset import load_site
 
     global_model = load_global_model(run_dir)
     names = class_names(global_model.config)
     panels = []
     for folder in site_dirs:
-        data = site_data(SiteConfig(Path(folder).name, folder, "", math.inf), global_model.config)
+        data = load_site(folder, tuple(names), int(global_model.config["image-size"]), float(global_model.config["val-fraction"]))
         if not data.validation:
             continue
         volume = data.validation[0]
@@ -113,7 +114,7 @@ def _overlays(run_dir: Path, site_dirs: Sequence[str], path: Path, per_site: int
             panels.append((volume.image[k, 0], pred[k], f"prediction (volume Dice {dice:.2f})"))
     if not panels:
         return None
-    return draw_overlays(panels, names, path, f"global model round {global_model.round} on validation patients", columns=4)
+    return draw_overlays(panels, names, path, f"global model round {global_model.round}, one patient per site", columns=4)
 
 
 def _table(history: dict) -> str:
@@ -147,7 +148,7 @@ def write_report(run_dir: str | Path, site_dirs: Sequence[str] = ()) -> Path:
     overlay = _overlays(run_dir, site_dirs, folder / "overlays.png") if site_dirs else None
     done = [r for r in history["rounds"] if "dice" in r]
     final = history_number(done[-1]["dice"]) if done else math.nan
-    dp = "off" if not math.isfinite(target) and history_number(config.get("noise-multiplier")) <= 0 else f"target ε {target:g}"
+    dp = "off" if not math.isfinite(target) and history_number(config.get("noise-multiplier")) <= 0 else f"target patient-level ε {target:g}"
     headline = (f"status <b>{html.escape(str(history.get('status', '?')))}</b>; {len(done) - 1 if done else 0} of "
                 f"{config.get('num-server-rounds')} rounds; final foreground Dice <b>{final:.3f}</b> "
                 f"(round 0: {history_number(done[0]['dice']) if done else math.nan:.3f}); strategy {html.escape(str(config.get('strategy')))}; "

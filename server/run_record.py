@@ -146,7 +146,7 @@ class RunRecord:
         lines = ["| round | foreground Dice | duration (s) |", "|---:|---:|---:|"]
         lines += [f"| {r['round']} | {fmt(r.get('dice'))} | {fmt(r.get('duration_s'), '.1f')} |" for r in rounds]
         last = rounds[-1] if rounds else {"sites": {}}
-        lines += ["", "| site | train examples | val Dice | Dice per class | HD95 (mm) | ε spent | status |", "|---|---:|---:|---|---:|---:|---|"]
+        lines += ["", "| site | train patients (binned) | val Dice | Dice per class | HD95 (mm) | patient-level ε spent | status |", "|---|---:|---:|---|---:|---:|---|"]
         for name, s in sorted(last["sites"].items()):
             per_class = " / ".join(fmt(d) for d in s.get("val_dice_per_class", []))
             lines.append(f"| {name} | {fmt(s.get('examples'))} | {fmt(s.get('val_dice'))} | {per_class or '-'} | {fmt(s.get('val_hd95_mm'), '.1f')} "

@@ -4,12 +4,12 @@ silent sites (timeouts), too few sites (wait, retry, stop cleanly) and a server 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import class_names, run_config
@@ -38,13 +38,30 @@ def wait_for_sites(grid: Grid, needed: int, timeout: float, progress: Callable[[
     return online
 
 
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None, poll: float = 0.2) -> list[Message]:
+    """`grid.send_and_receive`, polling every `poll` s: Flower's HttpGrid (deployment) sleeps 3 s
+    between pulls, adding up to 3 s to every train and validate exchange. Same semantics: the replies
+    in by `timeout` (None: wait for all), possibly fewer; pushing gives each message its id in place,
+    which the strategy reads to name silent sites."""
+    pending = {i for i in grid.push_messages(list(messages)) if i}  # HttpGrid gives None for one it could not push
+    deadline = None if timeout is None else time.time() + timeout
+    replies: list[Message] = []
+    while pending and (deadline is None or time.time() < deadline):
+        pulled = list(grid.pull_messages(pending))
+        replies += pulled
+        pending -= {msg.metadata.reply_to_message_id for msg in pulled}
+        if pending:
+            time.sleep(poll)
+    return replies
+
+
 def _train(grid: Grid, strategy: FederationStrategy, server_round: int, arrays: ArrayRecord, site_config: ConfigRecord,
            config: dict[str, Any], progress: Callable[[str], None]) -> ArrayRecord:
     """One round's training; retried while fewer than `min-sites` usable updates came back."""
     needed, timeout, retries = int(config["min-sites"]), float(config["round-timeout"]), int(config["round-retries"])
     for attempt in range(retries + 1):
         if wait_for_sites(grid, needed, timeout, progress) >= needed:
-            replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(dict(site_config)), grid), timeout=timeout)
+            replies = exchange(grid, strategy.configure_train(server_round, arrays, ConfigRecord(dict(site_config)), grid), timeout)
             aggregated, _ = strategy.aggregate_train(server_round, replies)
             if aggregated is not None:
                 return aggregated
@@ -60,7 +77,7 @@ def _validate(grid: Grid, strategy: FederationStrategy, server_round: int, array
     """Every online site validates the global model; with none online the round closes unvalidated."""
     if wait_for_sites(grid, 1, timeout, progress) >= 1:
         messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(site_config)), grid)
-        strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=timeout))
+        strategy.aggregate_evaluate(server_round, exchange(grid, messages, timeout))
     else:
         strategy.record.event(f"round {server_round}: no site online to validate the global model")
         strategy.aggregate_evaluate(server_round, [])

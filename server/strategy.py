@@ -17,6 +17,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
+from common.array_codec import arrays_sha256
 from server.run_record import RunRecord
 from server.update_check import screen_updates
 
@@ -45,6 +46,18 @@ def build_strategy(config: dict[str, Any]) -> Strategy:
     return FedAvg(**common)
 
 
+def metric(m: MetricRecord, key: str) -> float:
+    """A metric a site may round or leave out under its privacy policy: NaN when absent."""
+    value = m.get(key, math.nan)
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def count(m: MetricRecord, key: str) -> int:
+    """A count a site may bin or leave out: 0 when absent (or not a finite number)."""
+    value = metric(m, key)
+    return int(value) if math.isfinite(value) else 0
+
+
 def message_bytes(msg: Message) -> int:
     """What a message weighs on the wire: its serialised objects, as Flower sends them."""
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
@@ -55,6 +68,7 @@ class FederationStrategy(Strategy):
 
     def __init__(self, inner: Strategy, record: RunRecord, progress=print) -> None:
         self.inner, self.record, self.progress = inner, record, progress
+        self.weight_key = str(getattr(inner, "weighted_by_key", "num-examples"))  # what Flower's averages weigh by
         self.min_sites = int(record.config["min-sites"])
         self.max_norm_ratio = float(record.config["max-update-norm-ratio"])
         self.sent: dict[str, np.ndarray] = {}
@@ -120,15 +134,16 @@ class FederationStrategy(Strategy):
         trained: dict[str, Message] = {}
         for msg, name, status, reason, m in self._site_replies(server_round, replies, "train"):
             entry = self.record.site(server_round, name)
-            entry.update(status=status, reason=reason, examples=int(m.get("num-examples", 0)),
-                         train_loss=float(m.get("train-loss", math.nan)), epsilon=float(m.get("epsilon", math.nan)),
-                         noise_multiplier=float(m.get("noise-multiplier", math.nan)), steps=int(m.get("steps", 0)),
-                         train_seconds=float(m.get("seconds", math.nan)))
+            entry.update(status=status, reason=reason, examples=count(m, self.weight_key), train_loss=metric(m, "train-loss"),
+                         epsilon=metric(m, "epsilon"), noise_multiplier=metric(m, "noise-multiplier"), steps=count(m, "steps"),
+                         train_seconds=metric(m, "seconds"))
             if status != "ok":
                 self.progress(f"  round {server_round} {name}: did not train ({status}): {reason}")
             elif "arrays" not in msg.content.array_records or entry["examples"] <= 0:
                 entry.update(status="rejected", reason="reply has no weights or no training examples")
             else:
+                # The digest the site's audit log names for this release: a privacy officer can match them.
+                entry["update_sha256"] = arrays_sha256({k: a.numpy() for k, a in msg.content["arrays"].items()})
                 trained[name] = msg
         rejected = screen_updates({n: m.content["arrays"] for n, m in trained.items()}, self.sent, self.max_norm_ratio)
         for name, reason in rejected.items():
@@ -137,10 +152,10 @@ class FederationStrategy(Strategy):
             del trained[name]
         for name in trained:
             s = self.record.site(server_round, name)
-            self.progress(f"  round {server_round} {name}: train loss {s['train_loss']:.4f}, ε {s['epsilon']:.3f}, {s['examples']} slices")
+            self.progress(f"  round {server_round} {name}: train loss {s['train_loss']:.4f}, ε {s['epsilon']:.3f}, {s['examples']} patients (binned)")
         if len(trained) < self.min_sites:
             return None, None
-        arrays, metrics = self.inner.aggregate_train(server_round, list(trained.values()))
+        arrays, metrics = self.inner.aggregate_train(server_round, self._harmonised(list(trained.values())))
         if arrays is not None:
             # FedOpt's server maths runs in float64; the global model keeps the model's own dtypes.
             arrays = ArrayRecord({k: Array(np.ascontiguousarray(a.numpy().astype(self.sent[k].dtype))) for k, a in arrays.items()})
@@ -148,18 +163,42 @@ class FederationStrategy(Strategy):
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Records each site's validation (absent metrics as NaN); averages the replies that carry a
+        Dice and a count to weigh it by, so one minimal or refusing site cannot stop the round."""
         valid = []
-        for msg, name, _, _, m in self._site_replies(server_round, replies, "evaluate"):
+        for msg, name, status, reason, m in self._site_replies(server_round, replies, "evaluate"):
             entry = self.record.site(server_round, name)
-            entry.update(val_dice=float(m["dice"]), val_iou=float(m["iou"]), val_hd95_mm=float(m["hd95"]),
-                         val_slices=int(m["num-examples"]), epsilon=float(m["epsilon"]), val_seconds=float(m.get("seconds", math.nan)),
-                         val_dice_per_class=[float(m[k]) for k in sorted(m) if k.startswith("dice-class")])
-            entry.setdefault("status", "ok")
-            valid.append(msg)
-        metrics = self.inner.aggregate_evaluate(server_round, valid) if valid else None
+            entry.update(val_dice=metric(m, "dice"), val_iou=metric(m, "iou"), val_hd95_mm=metric(m, "hd95"),
+                         val_slices=count(m, self.weight_key), epsilon=metric(m, "epsilon"), val_seconds=metric(m, "seconds"),
+                         val_dice_per_class=[metric(m, k) for k in sorted(m) if k.startswith("dice-class")])
+            problem = (status, reason) if status != "ok" else None  # a refusal or failure, in the site's own words
+            if problem is None and "dice" not in m:
+                problem = ("rejected", "validation reply has no dice")
+            elif problem is None and entry["val_slices"] <= 0:  # weight 0: Flower's weighted average would divide by zero
+                problem = ("rejected", f"validation reply has no {self.weight_key} to weigh it by")
+            if problem is None:
+                entry.setdefault("status", "ok")
+                valid.append(msg)
+                continue
+            if entry.get("status", "ok") == "ok":  # a training problem this round stays the one recorded
+                entry.update(status=problem[0], reason=problem[1])
+            self.progress(f"  round {server_round} {name}: validation left out of the average ({problem[0]}): {problem[1]}")
+        metrics = self.inner.aggregate_evaluate(server_round, self._harmonised(valid)) if valid else None
         dice = float(metrics["dice"]) if metrics is not None and "dice" in metrics else math.nan
         self.record.close_round(server_round, dice)
         sites = self.record.round(server_round)["sites"]
-        detail = ", ".join(f"{n} {s['val_dice']:.3f}" for n, s in sorted(sites.items()) if "val_dice" in s)
+        detail = ", ".join(f"{n} {s['val_dice']:.3f}" for n, s in sorted(sites.items()) if not math.isnan(s.get("val_dice", math.nan)))
         self.progress(f"round {server_round}: aggregated validation Dice {dice:.3f} ({detail})")
         return metrics
+
+    def _harmonised(self, replies: list[Message]) -> list[Message]:
+        """The replies with one MetricRecord each, holding only the metrics every one of them has:
+        Flower's aggregators raise InconsistentMessageReplies when sites' metric keys differ, and
+        sites may leave metrics out. The weighting key is kept (callers pass only replies with it)."""
+        records = [msg.content.metric_records.get("metrics", MetricRecord()) for msg in replies]
+        shared = set.intersection(*(set(r) for r in records)) if records else set()
+        for msg, record in zip(replies, records, strict=True):
+            for key in list(msg.content.metric_records):
+                del msg.content[key]
+            msg.content["metrics"] = MetricRecord({k: record[k] for k in sorted(shared)})
+        return replies

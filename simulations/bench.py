@@ -114,38 +114,42 @@ def _summary(per_site: dict[str, dict[str, float]]) -> dict[str, Any]:
             "mean_hd95_mm": _mean([s["hd95_mm"] for s in per_site.values()])}
 
 
+SLICES_PER_PATIENT = SitePolicy().slices_per_patient
+
+
+def _site_data(site_dir: str, config: dict[str, Any]) -> SiteData:
+    """A site's patients as a bench run sees them (a fixed split: the bench is the researcher's own)."""
+    return load_site(site_dir, tuple(class_names(config)), int(config["image-size"]), float(config["val-fraction"]))
+
+
 def centralised(plan: Plan, site_dirs: list[str]) -> dict[str, Any]:
     """Pooled (all sites' slices together: the ceiling) and each site alone, non-DP, evaluated on
     every site's validation patients."""
     import torch
 
-    from client.client_app import SiteConfig, site_data
-    from client.privacy_ledger import PrivacyLedger
-    from client.training import evaluate, train_round
+    from client.training import evaluate, plan_round, train_round
     from common.config import TrainSettings, run_config
     from common.dataset import SiteData
     from common.model import build_model
 
     config = run_config({"image-size": plan.image_size, "batch-size": plan.batch_size, "seed": plan.seed,
                          "target-epsilon": math.inf, "num-server-rounds": 1, "local-epochs": plan.rounds * plan.local_epochs})
-    data = {Path(d).name: site_data(SiteConfig(Path(d).name, d, "", math.inf), config) for d in site_dirs}
-    pooled = SiteData("pooled", np.concatenate([d.train_images for d in data.values()]),
-                      np.concatenate([d.train_masks for d in data.values()]), [], [], "pooled", None)
+    data = {Path(d).name: _site_data(d, config) for d in site_dirs}
+    pooled = SiteData("pooled", [p for d in data.values() for p in d.train], [], None)
     settings = TrainSettings.from_config({**config, "server-round": 1})
 
     def trained_on(train: SiteData) -> dict[str, Any]:
         torch.manual_seed(plan.seed)
         model = build_model(3)
         started = time.time()
-        with tempfile.TemporaryDirectory() as ledger_dir:
-            result = train_round(model, train, settings, PrivacyLedger(ledger_dir, train.fingerprint, "bench"), math.inf,
-                                 torch.device("cpu"), "bench")
+        round_plan = plan_round(settings, len(train.train), settings.delta)
+        train_round(model, train.train, settings, round_plan, SLICES_PER_PATIENT, torch.device("cpu"))
         seconds = time.time() - started
         per_site = {}
         for name, site in data.items():
             m = evaluate(model, site, 3, torch.device("cpu"))
             per_site[name] = {"dice": m["dice"], "hd95_mm": m["hd95"]}
-        return {**_summary(per_site), "steps": result.steps, "train_s": seconds}
+        return {**_summary(per_site), "steps": round_plan.steps, "train_s": seconds}
 
     return {"pooled": trained_on(pooled), "local_only": {name: trained_on(d) for name, d in data.items()}}
 
@@ -154,16 +158,14 @@ def _epoch_cost(private: bool, plan: Plan, site_dir: str, queue: Any) -> None:
     """In a fresh process (spawned): one local epoch, DP or not; its time and peak memory."""
     import torch
 
-    from client.client_app import SiteConfig, site_data
-    from client.privacy_ledger import PrivacyLedger
-    from client.training import train_round
+    from client.training import plan_round, train_round
     from common.config import TrainSettings, run_config
     from common.model import build_model
 
     torch.set_num_threads(1)
     config = run_config({"image-size": plan.image_size, "batch-size": plan.batch_size, "num-server-rounds": 1, "local-epochs": 1,
                          "target-epsilon": 8.0 if private else math.inf})
-    data = site_data(SiteConfig("bench", site_dir, "", math.inf), config)
+    data = _site_data(site_dir, config)
     before = _rss_kb(os.getpid())
     peak = [before]
     sampling = threading.Event()
@@ -175,18 +177,16 @@ def _epoch_cost(private: bool, plan: Plan, site_dir: str, queue: Any) -> None:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    with tempfile.TemporaryDirectory() as ledger_dir:
-        ledger = PrivacyLedger(ledger_dir, data.fingerprint, "bench")
-        # A first round pays one-off costs (allocator, Opacus' hooks, lazy imports); the second is timed.
-        train_round(build_model(3), data, TrainSettings.from_config({**config, "server-round": 1}), ledger, math.inf,
-                    torch.device("cpu"), "warm-up")
-        started = time.perf_counter()
-        result = train_round(build_model(3), data, TrainSettings.from_config({**config, "server-round": 2}), ledger, math.inf,
-                             torch.device("cpu"), "bench")
-        seconds = time.perf_counter() - started
+    settings = TrainSettings.from_config({**config, "server-round": 1})
+    round_plan = plan_round(settings, len(data.train), settings.delta)
+    # A first round pays one-off costs (allocator, vmap tracing, lazy imports); the second is timed.
+    train_round(build_model(3), data.train, settings, round_plan, SLICES_PER_PATIENT, torch.device("cpu"))
+    started = time.perf_counter()
+    train_round(build_model(3), data.train, settings, round_plan, SLICES_PER_PATIENT, torch.device("cpu"))
+    seconds = time.perf_counter() - started
     sampling.set()
     sampler.join()
-    queue.put({"epoch_s": seconds, "steps": result.steps, "slices": len(data.train_images),
+    queue.put({"epoch_s": seconds, "steps": round_plan.steps, "patients": len(data.train), "slices": data.train_slices,
                "peak_rss_mb": peak[0] / 1024, "rss_before_training_mb": before / 1024})
 
 

@@ -1,26 +1,31 @@
 """Deployment with real processes on loopback: `fedseg server` (SuperLink, TLS, site authentication),
-two `fedseg site` SuperNodes, `fedseg run`; the sites that must be turned away; a hospital that dies
-mid-round and a server that crashes mid-run and is resumed. Every process is started here and stopped
+two `fedseg site` guards with their SuperNodes and courier SuperExecs, `fedseg run`; the sites that
+must be turned away; a hospital that dies mid-round and a server that crashes mid-run and is resumed;
+then a hostile app bundle shipped to the surviving site. Every process is started here and stopped
 here, by pid, and the suite checks none is left behind."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from client.privacy_ledger import PrivacyLedger
+from client.isolation import ensure_user, let_courier_run_python
+from client.site_state import SiteState
 from common.flower_env import flower_env
 from common.model import build_model
+from common.parameters import model_arrays
 from common.processes import free_port, port_open
+from server.superlink import ServerFolder
 
 REPO = Path(__file__).parents[1]
 HOSPITALS = ("hospital-a", "hospital-b")
@@ -86,7 +91,12 @@ def federation(tmp_path_factory):
     data = root / "demo" / "federation-v3-tiny-2sites-seed0"
     assert _fedseg("certs", "coordinator", "--hostname", "fedseg.test", cwd=root).returncode == 0
     for site in (*HOSPITALS, "site-unregistered"):
-        assert _fedseg("site-key", site, cwd=root).returncode == 0
+        # Budget 60 against a run target of 30: room for a round lost in the server crash and run again.
+        made = _fedseg("site-init", site, "--epsilon-budget", "60", "--min-noise-multiplier", "0.1", cwd=root)
+        assert made.returncode == 0, made.stdout + made.stderr
+    if os.geteuid() == 0:  # sites then run their courier as an unprivileged user, who must be able to run this Python
+        ensure_user()
+        let_courier_run_python()
     server = Background("server", ["server", "coordinator", "--port", str(port)], root)
     started: list[Background] = [server]
     try:
@@ -95,9 +105,8 @@ def federation(tmp_path_factory):
             reg = _fedseg("register", "coordinator", f"{site}/site.pub", "--name", site, cwd=root)
             assert reg.returncode == 0, reg.stdout + reg.stderr
         for site, folder in zip(HOSPITALS, ("site-01", "site-02")):
-            # Budget 60 against a run target of 30: room for a round lost in the server crash and run again.
             started.append(Background(site, ["site", site, "--data", str(data / folder), "--server", f"localhost:{port}",
-                                             "--ca-cert", "coordinator/certs/ca.crt", "--epsilon-budget", "60", "--threads", "1"], root))
+                                             "--ca-cert", "coordinator/certs/ca.crt", "--threads", "1"], root))
         yield {"root": root, "port": port, "server": server, "sites": started[1:], "started": started,
                "data": data / "site-01"}
     finally:
@@ -193,25 +202,64 @@ def test_sites_train_over_tls_through_a_dead_hospital_and_a_server_crash_while_i
     state = torch.load(run_dir / "global_model.pt", weights_only=True)
     assert state["round"] == 2
     build_model(3).load_state_dict(state["state_dict"])
-    for name in ("hospital-a",):
-        reported = rounds[2]["sites"][name]["epsilon"]
-        # The ε the server saw is the site's own accountant's, over every step it actually took: two
-        # rounds, or three when its round 2 finished at the site after the server had died.
-        ledger_file = next((root / name / "privacy_ledger").glob("privacy_ledger-*.json"))
-        ledger = PrivacyLedger(ledger_file.parent, json.loads(ledger_file.read_text())["fingerprint"], name)
-        assert math.isclose(ledger.epsilon(1e-5), reported, rel_tol=1e-9)
-        assert len(ledger.rounds) in (2, 3) and 0 < reported <= 60.0
-        assert "round 2: " in sites[name].output()  # each hospital's console shows its own rounds
-    assert not list((root / "hospital-b" / "privacy_ledger").glob("*.json"))  # died before spending anything
+    # The ε the server saw is the site's own accountant's (patient level, at the site's δ), over every
+    # step it actually took: two rounds, or three when its round 2 finished after the server had died.
+    _, ledger, _ = SiteState(root / "hospital-a").open("hospital-a")
+    assert abs(ledger.epsilon(1e-5) - rounds[2]["sites"]["hospital-a"]["epsilon"]) <= 0.005
+    assert len(ledger.history) in (2, 3) and 0 < ledger.epsilon(1e-5) <= 60.0
+    # The site's audit log names exactly the weights the server received.
+    released = {e["released_sha256"] for e in ledger.entries if e["kind"] == "train"}
+    assert {rounds[r]["sites"]["hospital-a"]["update_sha256"] for r in (1, 2)} <= released
+    assert "round 2: " in sites["hospital-a"].output()  # each hospital's console shows its own rounds
+    assert not SiteState(root / "hospital-b").open("hospital-b")[1].history  # died before spending anything
     assert "foreground Dice" in resume.output() and "hospital-a" in resume.output()
     assert (run_dir / "report.html").is_file() and "report: " in resume.output()  # the coordinator's report, no images
 
+    # Finally the coordinator turns hostile: it ships its own app to hospital-a.
+    spent = ledger.epsilon(1e-5)
+    found = _hostile_run(root, tmp_path, federation["data"])
+    assert len(found) == 1, found
+    found = found[0]
+    if os.geteuid() == 0:  # the courier is another OS user: the site's files are closed to it
+        assert int(found["uid"]) != 0
+        assert {found[f] for f in ("data-file", "ledger-file", "policy-file")} == {"PermissionError"}, found
+    expected = {"delta": "refused:delta_above_policy:0", "noise": "refused:noise_below_policy:0",
+                "classes": "refused:class_not_in_policy:0", "no-dp": "refused:non_private_not_allowed:0",
+                "validate-untrained-round": "refused:validation_limit:0", "validate-round-0": "ok::0",
+                "validate-round-0-again": "refused:validation_limit:0"}
+    assert {k: found[k].replace(" arrays", "") for k in expected} == expected, found
+    after = SiteState(root / "hospital-a").open("hospital-a")[1]
+    assert after.epsilon(1e-5) == spent  # nothing spent
+    assert [e["code"] for e in after.entries if e["kind"] == "refusal"][-6:] == [
+        "delta_above_policy", "noise_below_policy", "class_not_in_policy", "non_private_not_allowed", "validation_limit", "validation_limit"]
+
+
+def _hostile_run(root: Path, tmp_path: Path, data: Path) -> list[dict]:
+    """`flwr run` of tests/hostile_app on the federation's server; what its ClientApp found at each site."""
+    app = tmp_path / "hostile"
+    shutil.copytree(REPO / "tests" / "hostile_app", app)
+    for rel in ("client/guard_socket.py", "common/array_codec.py"):  # the guard's wire format: no secret
+        (app / rel).parent.mkdir(exist_ok=True)
+        shutil.copy(REPO / rel, app / rel)
+    weights, out = tmp_path / "weights.npz", tmp_path / "found.json"
+    np.savez(weights, **model_arrays(build_model(3)))
+    state = SiteState(root / "hospital-a")
+    data_file = next(p for p in data.rglob("*.dcm"))
+    config = " ".join(f'{k}="{v}"' for k, v in {"out": out, "weights-file": weights, "data-file": data_file,
+                                                 "ledger-file": state.ledger_file, "policy-file": state.policy_file}.items())
+    folder = ServerFolder(root / "coordinator")
+    started = subprocess.run([str(Path(sys.executable).parent / "flwr"), "run", str(app), "fedseg", "--run-config", config],
+                             cwd=folder.root, env=folder.env(), capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert started.returncode == 0, started.stdout + started.stderr
+    _wait_until(out.is_file, 240, "the hostile run never finished")
+    time.sleep(1)
+    return json.loads(out.read_text())
 
 def test_site_with_no_usable_data_fails_at_start(tmp_path):
     data = tmp_path / "export"
     data.mkdir()
     (data / "IM000001").write_bytes(b"\x00" * 200 + b"not DICOM")
-    assert _fedseg("site-key", "site", cwd=tmp_path).returncode == 0
+    assert _fedseg("site-init", "site", cwd=tmp_path).returncode == 0
     result = _fedseg("site", "site", "--data", str(data), "--server", f"127.0.0.1:{free_port()}", "--ca-cert", "ca.crt", cwd=tmp_path)
     assert result.returncode != 0
     assert "cannot start" in result.stderr and "no usable labelled series" in result.stderr and "IM000001" in result.stderr
@@ -224,16 +272,15 @@ def test_server_refuses_to_start_without_certificates_unless_insecure(tmp_path):
 
 
 def test_site_with_a_corrupt_privacy_ledger_refuses_to_start_and_keeps_the_ledger(tmp_path, tiny_site):
-    from client.client_app import SiteConfig, site_data
-    from common.config import RUN_DEFAULTS
-
-    fingerprint = site_data(SiteConfig("h", str(tiny_site), "", 8.0), RUN_DEFAULTS).fingerprint
-    assert _fedseg("site-key", "site", cwd=tmp_path).returncode == 0
-    ledger = tmp_path / "site" / "privacy_ledger" / f"privacy_ledger-{fingerprint}.json"
-    ledger.parent.mkdir()
-    ledger.write_text('{"accountant_history": [[1.1, 0.1, 40]], "non_priv')  # cut off mid-write by a disk failure
+    assert _fedseg("site-init", "site", cwd=tmp_path).returncode == 0
+    ledger = SiteState(tmp_path / "site").ledger_file
+    ledger.write_text(ledger.read_text() + '{"seq": 1, "kind": "train", "event": [1.1, 0.1, 40], "pr')  # cut off mid-write
+    damaged = ledger.read_text()
     result = _fedseg("site", "site", "--data", str(tiny_site), "--server", f"127.0.0.1:{free_port()}", "--ca-cert", "ca.crt", cwd=tmp_path)
     assert result.returncode != 0 and "cannot start" in result.stderr
-    assert "corrupt" in result.stderr and "It is not reset" in result.stderr and str(ledger.name) in result.stderr
-    assert ledger.read_text().endswith('"non_priv')  # left exactly as found, for the privacy officer
+    assert "cannot be trusted" in result.stderr and "It is not reset" in result.stderr and "privacy_ledger/ledger.jsonl" in result.stderr
+    assert ledger.read_text() == damaged  # left exactly as found, for the privacy officer
     assert not (tmp_path / "site" / "logs").exists()
+    ledger.unlink()  # deleted: the site still stops; it never starts again from zero
+    result = _fedseg("site", "site", "--data", str(tiny_site), "--server", f"127.0.0.1:{free_port()}", "--ca-cert", "ca.crt", cwd=tmp_path)
+    assert result.returncode != 0 and "is missing" in result.stderr and not ledger.exists()

@@ -154,3 +154,56 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_whole(tmp_pa
 class _OneNodeGrid:
     def get_node_ids(self):
         return [1]
+
+
+def _validation(node: int, name: str, status: str = "ok", **metrics: float) -> Message:
+    """A validation reply carrying only the metrics given: what a site's privacy policy lets out."""
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": name, "status": status, "reason": ""})})
+    return Message(content=content, reply_to=_ask(node))
+
+
+def test_minimal_validation_replies_are_averaged_and_one_without_dice_is_rejected(tmp_path):
+    config = run_config({"min-sites": 1, "run-dir": str(tmp_path)})
+    record = RunRecord(tmp_path, config)
+    fed = FederationStrategy(build_strategy(config), record, progress=lambda _: None)
+    fed.asked = [_ask(n) for n in range(1, 6)]
+    replies = [_validation(1, "full", dice=0.8, iou=0.7, hd95=5.0, epsilon=1.0, **{"num-examples": 10}),
+               _validation(2, "minimal", dice=0.6, **{"num-examples": 30}),  # no iou, hd95 nor ε
+               _validation(3, "no-dice", iou=0.9, hd95=1.0, **{"num-examples": 100}),
+               _validation(4, "no-count", dice=0.1),
+               _validation(5, "refused", status="refused")]
+    metrics = fed.aggregate_evaluate(1, replies)
+    assert metrics["dice"] == pytest.approx((0.8 * 10 + 0.6 * 30) / 40)  # weighted by num-examples
+    assert "iou" not in metrics and "hd95" not in metrics  # only what every averaged site sent
+    assert record.round(1)["dice"] == pytest.approx(0.65)
+    sites = record.round(1)["sites"]
+    assert {n: s["status"] for n, s in sites.items()} == {
+        "full": "ok", "minimal": "ok", "no-dice": "rejected", "no-count": "rejected", "refused": "refused"}
+    assert sites["no-dice"]["reason"] == "validation reply has no dice" and "num-examples" in sites["no-count"]["reason"]
+    assert math.isnan(sites["minimal"]["val_iou"]) and math.isnan(sites["minimal"]["val_hd95_mm"]) and math.isnan(sites["minimal"]["epsilon"])
+    assert sites["minimal"]["val_slices"] == 30 and sites["no-count"]["val_slices"] == 0
+    # With no usable reply at all the round closes unvalidated, without an error.
+    assert fed.aggregate_evaluate(2, [_validation(3, "no-dice", iou=0.9, **{"num-examples": 10})]) is None
+    assert math.isnan(record.round(2)["dice"])
+
+
+def test_a_validation_refusal_does_not_hide_the_rounds_training_problem(tmp_path):
+    record = RunRecord(tmp_path, run_config({"run-dir": str(tmp_path)}))
+    fed = FederationStrategy(build_strategy(record.config), record, progress=lambda _: None)
+    fed.asked = [_ask(1)]
+    record.site(1, "broke").update(status="budget_exhausted", reason="budget_exhausted")
+    fed.aggregate_evaluate(1, [_validation(1, "broke", status="refused")])
+    assert record.round(1)["sites"]["broke"]["status"] == "budget_exhausted"
+
+
+def test_train_replies_without_steps_seconds_or_loss_are_still_averaged(tmp_path):
+    config = run_config({"min-sites": 2, "run-dir": str(tmp_path)})
+    record = RunRecord(tmp_path, config)
+    fed = FederationStrategy(build_strategy(config), record, progress=lambda _: None)
+    fed.sent, fed.asked = dict(GLOBAL), [_ask(1), _ask(2)]
+    minimal = Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 30}), "arrays": _arrays(0.02),
+                                          "site": ConfigRecord({"name": "minimal", "status": "ok", "reason": ""})}), reply_to=_ask(2))
+    arrays, _ = fed.aggregate_train(1, [_reply(1, "full", _arrays(0.01)), minimal])
+    np.testing.assert_allclose(arrays["b"].numpy(), np.full(3, (0.01 * 10 + 0.02 * 30) / 40, np.float32), rtol=1e-5)
+    site = record.round(1)["sites"]["minimal"]
+    assert site["status"] == "ok" and site["steps"] == 0 and math.isnan(site["train_loss"]) and math.isnan(site["train_seconds"])

@@ -1,0 +1,206 @@
+"""The site guard: the only code that reads the site's data, privacy ledger and policy.
+
+It is installed and configured by the hospital, loads and preprocesses the data once and stays warm.
+It offers two operations — train (global weights → DP-SGD weights + minimal metrics) and validate
+(global weights → rounded metrics) — and checks every request against the site policy. Anything
+outside the policy is refused with a fixed code (`REFUSALS`); errors leave as codes too, with the
+detail in the site's own log. Every release and refusal is a line of the hash-chained ledger before
+the answer leaves. A deployed site serves it over a Unix socket (`client.guard_socket`) to the
+courier ClientApp, which runs as another OS user; a simulation calls the same object in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from client.privacy_ledger import LedgerError, PrivacyLedger
+from client.site_policy import SitePolicy
+from client.site_state import SiteState
+from client.training import RoundPlan, evaluate, plan_round, train_round
+from common.array_codec import Arrays, arrays_sha256
+from common.config import TrainSettings, class_names
+from common.dataset import SiteData, load_site
+from common.model import build_model, pick_device
+from common.parameters import load_arrays, model_arrays
+
+log = logging.getLogger("fedseg.guard")
+
+REFUSALS = {
+    "bad_request": "the request is malformed or names an unknown operation",
+    "weights_mismatch": "the weights do not fit the model (names, shapes) or are not finite",
+    "class_not_in_policy": "the run asks for a class the site policy does not list",
+    "delta_above_policy": "the run asks for a larger δ than the site policy allows",
+    "non_private_not_allowed": "the run asks to train without DP; the site policy does not allow it",
+    "noise_below_policy": "the run's noise multiplier is below the site policy's minimum",
+    "rounds_over_policy": "the run has more rounds than the site policy allows per run",
+    "budget_exhausted": "training would take the site past its ε budget",
+    "validation_limit": "validation not allowed now (once per trained round, plus round 0)",
+    "data_unusable": "the site's data could not be loaded for this request (detail in the site's log)",
+    "internal_error": "the site failed (detail in the site's log)",
+}
+IMAGE_SIZES = range(16, 513)
+
+
+class Refusal(Exception):
+    """A request the guard will not serve; only the code leaves the site."""
+
+    def __init__(self, code: str) -> None:
+        assert code in REFUSALS, code
+        super().__init__(code)
+        self.code = code
+
+
+class SiteGuard:
+    def __init__(self, name: str, data_dir: str | Path, policy: SitePolicy, ledger: PrivacyLedger,
+                 device: torch.device | None = None) -> None:
+        self.name, self.data_dir, self.policy, self.ledger = name, str(data_dir), policy, ledger
+        self.device = device or pick_device()
+
+    def load(self, classes: tuple[str, ...], image_size: int) -> SiteData:
+        """The site's data as the run needs it, loaded once per (classes, size) and kept warm.
+        Raises ValueError/OSError with the full detail: for the site's own console and log only."""
+        data = load_site(self.data_dir, classes, image_size, self.policy.validation_fraction, self.policy.split_key)
+        if not data.train:
+            raise ValueError(f"site folder {self.data_dir} has no training patients (all {len(data.validation)} validate)")
+        self.policy.check_patients(len(data.train))
+        return data
+
+    def data(self, classes: tuple[str, ...], image_size: int) -> SiteData:
+        """`load` for a request: what went wrong stays in the site's log, only the code leaves."""
+        try:
+            return self.load(classes, image_size)
+        except (OSError, ValueError) as err:
+            log.error("%s: the data cannot be used for classes %s at %d px: %s", self.name, classes, image_size, err)
+            raise Refusal("data_unusable") from err
+
+    def handle(self, header: Mapping[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
+        """One request → (reply header, arrays). Never raises: refusals and failures are codes."""
+        op, run, server_round = header.get("op"), str(header.get("run", "")), header.get("round")
+        try:
+            if op not in ("train", "validate") or not isinstance(server_round, int) or not isinstance(header.get("settings"), Mapping):
+                raise Refusal("bad_request")
+            return (self.train if op == "train" else self.validate)(run, server_round, header["settings"], arrays)
+        except Refusal as refusal:
+            self._refused(op, run, server_round, refusal.code)
+            return {"status": "refused", "code": refusal.code, "site": self.name, "metrics": {}}, {}
+        except Exception:  # noqa: BLE001 — nothing the data says may leave: the code does, the trace stays here
+            log.exception("%s: %s request failed", self.name, op)
+            self._refused(op, run, server_round, "internal_error")
+            return {"status": "error", "code": "internal_error", "site": self.name, "metrics": {}}, {}
+
+    def _refused(self, op: Any, run: str, server_round: Any, code: str) -> None:
+        log.warning("%s: refused %s (run %s, round %s): %s — %s", self.name, op, run, server_round, code, REFUSALS[code])
+        try:
+            with self.ledger.locked():
+                self.ledger.append("refusal", run=run, round=server_round if isinstance(server_round, int) else None,
+                                   request=op if op in ("train", "validate") else None, code=code)
+        except (LedgerError, OSError):
+            log.exception("%s: could not record a refusal in the ledger", self.name)
+
+    def _settings(self, server_round: int, settings: Mapping[str, Any]) -> tuple[TrainSettings, tuple[str, ...], int]:
+        try:
+            train = TrainSettings.from_config({**settings, "server-round": server_round})
+            classes = tuple(class_names(settings))
+            size = int(settings["image-size"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise Refusal("bad_request") from err
+        if size not in IMAGE_SIZES or server_round < 0 or len(classes) < 2 or len(set(classes)) != len(classes):
+            raise Refusal("bad_request")
+        if not set(classes[1:]) <= set(self.policy.classes):
+            raise Refusal("class_not_in_policy")
+        if not 0 < train.delta <= self.policy.delta:
+            raise Refusal("delta_above_policy")
+        return train, classes, size
+
+    def _model(self, classes: tuple[str, ...], arrays: Arrays) -> torch.nn.Module:
+        model = build_model(len(classes))
+        try:
+            load_arrays(model, arrays)
+        except (ValueError, RuntimeError, TypeError) as err:
+            raise Refusal("weights_mismatch") from err
+        return model
+
+    def plan(self, settings: TrainSettings, num_patients: int) -> RoundPlan:
+        """The round's plan, checked against the policy; spends nothing."""
+        if not settings.private and not self.policy.allow_non_private:
+            raise Refusal("non_private_not_allowed")
+        if settings.server_round < 1 or settings.num_rounds > self.policy.max_rounds_per_run or settings.server_round > settings.num_rounds:
+            raise Refusal("rounds_over_policy")
+        try:
+            plan = plan_round(settings, num_patients, self.policy.delta)
+        except ValueError as err:  # Opacus cannot reach the target ε with any σ it tries
+            raise Refusal("noise_below_policy") from err
+        if settings.private and plan.noise_multiplier < self.policy.min_noise_multiplier:
+            raise Refusal("noise_below_policy")
+        return plan
+
+    def train(self, run: str, server_round: int, request: Mapping[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
+        settings, classes, size = self._settings(server_round, request)
+        data = self.data(classes, size)
+        model = self._model(classes, arrays)
+        plan = self.plan(settings, len(data.train))
+        with self.ledger.locked():
+            before = self.ledger.epsilon(self.policy.delta)
+            planned = self.ledger.epsilon(self.policy.delta, [plan.event])
+            if planned > self.policy.epsilon_budget:
+                raise Refusal("budget_exhausted")
+            started = time.perf_counter()
+            loss = train_round(model, data.train, settings, plan, self.policy.slices_per_patient, self.device)
+            out = model_arrays(model)
+            metrics = {"num-examples": self.policy.binned(len(data.train)), "train-loss": self.policy.release(loss),
+                       "epsilon": self.policy.release(planned), "noise-multiplier": round(plan.noise_multiplier, 2),
+                       "seconds": float(round(time.perf_counter() - started))}
+            self.ledger.append("train", run=run, round=server_round, event=list(plan.event), delta=self.policy.delta,
+                               unit="patient", epsilon_before=before, epsilon_after=planned,
+                               received_sha256=arrays_sha256(arrays), released_sha256=arrays_sha256(out), metrics=metrics)
+        log.info("%s round %d: %d %s steps over %d patients (noise multiplier %.2f), train loss %.3f, patient-level ε %.2f of budget %g",
+                 self.name, server_round, plan.steps, "DP-SGD" if plan.noise_multiplier else "non-private SGD",
+                 len(data.train), plan.noise_multiplier, loss, planned, self.policy.epsilon_budget)
+        return {"status": "ok", "code": "", "site": self.name, "metrics": metrics}, out
+
+    def validate(self, run: str, server_round: int, request: Mapping[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
+        settings, classes, size = self._settings(server_round, request)
+        data = self.data(classes, size)
+        model = self._model(classes, arrays)
+        if not data.validation:
+            raise Refusal("data_unusable")
+        with self.ledger.locked():
+            done = [e for e in self.ledger.entries if e.get("run") == run and e.get("round") == server_round]
+            trained = server_round == 0 or any(e["kind"] == "train" for e in done)
+            if not trained or sum(e["kind"] == "validate" for e in done) >= self.policy.validations_per_round:
+                raise Refusal("validation_limit")
+            measured = evaluate(model, data, len(classes), self.device)
+            metrics = self._released(measured)
+            metrics.update({"num-examples": self.policy.binned(len(data.validation)),
+                            "epsilon": self.policy.release(self.ledger.epsilon(self.policy.delta))})
+            self.ledger.append("validate", run=run, round=server_round, received_sha256=arrays_sha256(arrays), metrics=metrics)
+        log.info("%s round %d: validation Dice %.3f on %d patients", self.name, server_round, measured["dice"], len(data.validation))
+        return {"status": "ok", "code": "", "site": self.name, "metrics": metrics}, {}
+
+    def _released(self, measured: Mapping[str, float]) -> dict[str, float]:
+        """The metrics the policy lets leave, at its precision."""
+        keep = set()
+        for name in self.policy.metrics:
+            keep |= {k for k in measured if k.startswith("dice-class")} if name == "dice-per-class" else {name}
+        return {k: self.policy.release(v) for k, v in measured.items() if k in keep}
+
+    def spent(self) -> float:
+        return self.ledger.epsilon(self.policy.delta)
+
+
+def open_guard(state: SiteState, name: str, data_dir: str | Path, create_with: Mapping[str, Any] | None = None,
+               device: torch.device | None = None) -> tuple[SiteGuard, bool]:
+    """The site's guard over its policy and ledger; True when they were created just now."""
+    policy, ledger, created = state.open(name, create_with)
+    return SiteGuard(name, data_dir, policy, ledger, device), created
+
+
+def budget_line(guard: SiteGuard) -> str:
+    return (f"privacy ledger {guard.ledger.path}: patient-level ε spent {guard.spent():.2f} of budget "
+            f"{guard.policy.epsilon_budget:g} (δ {guard.policy.delta:g}, fixed by the site policy)")

@@ -1,0 +1,108 @@
+"""Two OS users at a site: the guard (the hospital's `fedseg site`, which owns the data, the privacy
+ledger and the policy) and the courier (Flower's SuperExec and the ClientApp processes it starts, which
+run whatever app bundle the coordinator ships). The courier reaches the guard only through its socket.
+
+When `fedseg site` runs as root it sets this up itself: a dedicated unprivileged user, a socket folder
+only the guard and that user can enter, and checks — made *as* the courier user — that the data
+folder and the site folder are closed to it and that it can run this Python. Otherwise the courier
+runs as the same user, and `fedseg site` says loudly what that means (README: privacy model).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+COURIER_USER = "fedseg-courier"
+
+
+class IsolationError(RuntimeError):
+    """The courier could read what it must not, or cannot run at all."""
+
+
+@dataclass(frozen=True)
+class Courier:
+    user: str | None  # None: same user as the guard (no isolation)
+    uid: int | None
+    gid: int | None
+    home: Path  # its FLWR_HOME: where Flower installs the app bundle
+    socket_dir: Path  # where the guard's socket lives
+
+    @property
+    def isolated(self) -> bool:
+        return self.user is not None
+
+
+def ensure_user(name: str = COURIER_USER) -> pwd.struct_passwd:
+    """The courier's system user, created if missing (no home, no login shell)."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                       check=True, capture_output=True)
+        return pwd.getpwnam(name)
+
+
+def closed_python_folders() -> list[Path]:
+    """Folders above this Python, its packages and fedseg's code that other users cannot pass through."""
+    import flwr
+
+    wanted = [Path(os.path.realpath(sys.executable)), Path(sys.prefix), Path(flwr.__file__).parent, Path(__file__).parents[1]]
+    folders = {parent for path in wanted for parent in [path, *path.parents] if parent.is_dir()}
+    return sorted(f for f in folders if not os.stat(f).st_mode & 0o001)
+
+
+def let_courier_run_python(user: str = COURIER_USER) -> None:
+    """Give `user` pass-through (x, not read) on exactly those folders, by ACL: for a test or
+    benchmark machine whose Python lives in a private home folder."""
+    closed = closed_python_folders()
+    if closed:
+        subprocess.run(["setfacl", "-m", f"u:{user}:x", *map(str, closed)], check=True, capture_output=True)
+
+
+def _as_user(uid: int, gid: int, code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *args], user=uid, group=gid, extra_groups=[], capture_output=True,
+                          text=True, timeout=120, cwd="/", env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+
+
+def prepare_courier(site_root: Path, data_dir: Path, user: str = COURIER_USER) -> Courier:
+    """Folders and checks for the courier; as root, a separate user, else the same one."""
+    site_root.mkdir(parents=True, exist_ok=True)
+    socket_dir = Path(tempfile.mkdtemp(prefix="fedseg-guard-"))
+    home = Path(tempfile.mkdtemp(prefix="fedseg-courier-"))
+    if os.geteuid() != 0:
+        return Courier(None, None, None, home, socket_dir)
+    account = ensure_user(user)
+    uid, gid = account.pw_uid, account.pw_gid
+    os.chmod(site_root, 0o700)  # the site key, policy and ledger: the guard's alone
+    os.chown(home, uid, gid)
+    os.chown(socket_dir, 0, gid)
+    os.chmod(socket_dir, 0o750)
+    try:
+        runs = _as_user(uid, gid, "import flwr.clientapp, numpy").returncode == 0
+    except OSError:  # cannot even start the interpreter
+        runs = False
+    if not runs:
+        closed = " ".join(str(p) for p in closed_python_folders())
+        raise IsolationError(
+            f"the courier user {user} cannot run this Python ({sys.executable}): install fedseg where other users can run "
+            f"it (e.g. a venv under /opt), or let {user} pass through the folders above it: setfacl -m u:{user}:x {closed}")
+    probe = "import os, sys\nprint(*[p for p in sys.argv[1:] if os.access(p, os.R_OK) or os.access(p, os.X_OK)])"
+    readable = _as_user(uid, gid, probe, str(data_dir.resolve()), str(site_root.resolve())).stdout.split()
+    if readable:
+        raise IsolationError(
+            f"the courier user {user} can read {', '.join(readable)}: the app bundle the coordinator ships would see "
+            f"patient data. Close it to other users first (chmod -R o-rwx {' '.join(readable)}), then start the site again")
+    return Courier(user, uid, gid, home, socket_dir)
+
+
+def open_socket_to_courier(path: Path, courier: Courier) -> None:
+    """Only the guard and the courier may connect."""
+    if courier.gid is not None:
+        os.chown(path, 0, courier.gid)
+    os.chmod(path, 0o660 if courier.isolated else 0o600)

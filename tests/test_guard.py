@@ -1,0 +1,269 @@
+"""The site guard, its policy and ledger, and the courier ClientApp, on real DICOM data and real
+Flower Messages. Attacks are made as a hostile coordinator would make them: through the courier,
+with the requests it controls."""
+
+import math
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from opacus.accountants import RDPAccountant
+
+from client.client_app import build_client_app
+from client.guard import open_guard
+from client.site_state import SiteState
+from client.guard_socket import GuardClient, GuardServer, PREFIX, MAGIC
+from client.privacy_ledger import LedgerError, PrivacyLedger
+from common.array_codec import arrays_sha256
+from common.config import run_config
+from common.model import build_model
+from common.parameters import model_arrays
+from server.server_app import SITE_KEYS
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+SETTINGS = {"image-size": 32, "local-epochs": 1, "num-server-rounds": 3, "batch-size": 2, "target-epsilon": 6.0, "delta": 1e-3}
+POLICY = {"epsilon_budget": 20.0, "delta": 1e-3, "min_noise_multiplier": 0.3}
+
+
+def _guard(root: Path, data: Path, **policy):
+    guard, _ = open_guard(SiteState(root), "north", data, {**POLICY, **policy})
+    return guard
+
+
+def _request(server_round: int, **overrides) -> dict:
+    cfg = run_config({**SETTINGS, **{k: v for k, v in overrides.items() if k in SETTINGS or k in ("classes", "noise-multiplier", "seed")}})
+    return {**{k: cfg[k] for k in SITE_KEYS}, "server-round": server_round}
+
+
+def _message(kind: str, server_round: int, weights: dict | None = None, **overrides) -> Message:
+    weights = weights or model_arrays(build_model(3))
+    arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+    return Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(_request(server_round, **overrides))}),
+                   dst_node_id=7, message_type=kind)
+
+
+def _call(guard, kind: str, server_round: int = 1, run: int = 1, weights: dict | None = None, **overrides) -> Message:
+    context = Context(run_id=run, node_id=7, state=RecordDict(), run_config={}, node_config={"partition-id": 0})
+    return build_client_app(lambda _: guard)(_message(kind, server_round, weights, **overrides), context)
+
+
+def _weights(reply: Message) -> dict:
+    return {k: a.numpy() for k, a in reply.content["arrays"].items()}
+
+
+def test_reply_carries_only_model_shaped_arrays_and_rounded_scalars(tiny_site, tmp_path):
+    guard = _guard(tmp_path, tiny_site)
+    model_shapes = {k: tuple(v.shape) for k, v in build_model(3).state_dict().items()}
+    for kind in (MessageType.TRAIN, MessageType.EVALUATE):
+        reply = _call(guard, kind)
+        assert reply.content["site"]["status"] == "ok", reply.content["site"]
+        for record in reply.content.array_records.values():
+            assert {k: tuple(a.shape) for k, a in record.items()} == model_shapes
+        metrics = reply.content["metrics"]
+        assert all(isinstance(v, (int, float)) and (not math.isfinite(v) or round(v, 2) == v) for v in metrics.values())
+        assert metrics["num-examples"] % 10 == 0  # binned, not the exact patient count
+        assert set(reply.content["site"]) == {"name", "status", "reason"}
+        assert set(reply.content) <= {"arrays", "metrics", "site"}
+    assert "steps" not in _call(guard, MessageType.TRAIN, 2).content["metrics"]  # exact step counts reveal N
+
+
+def test_patient_level_epsilon_is_opacus_rdp_over_patient_sampling_and_survives_a_new_run(tiny_site, tmp_path):
+    guard = _guard(tmp_path, tiny_site)
+    patients = len(guard.data(("background", "organ", "lesion"), 32).train)
+    q = min(1.0, SETTINGS["batch-size"] / patients)
+    steps_each = round(SETTINGS["local-epochs"] / q)
+    epsilons, steps = [], 0
+    for server_round in (1, 2, 3):
+        metrics = _call(guard, MessageType.TRAIN, server_round).content["metrics"]
+        sigma = guard.ledger.history[-1][0]
+        steps += steps_each
+        orders = RDPAccountant.DEFAULT_ALPHAS
+        expected, _ = get_privacy_spent(orders=orders, rdp=compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders), delta=1e-3)
+        assert guard.ledger.history[-1][1:] == (q, steps_each)
+        assert guard.spent() == pytest.approx(expected, rel=1e-9)
+        assert metrics["epsilon"] == round(expected, 2)
+        epsilons.append(expected)
+    assert epsilons[0] < epsilons[1] < epsilons[2] == pytest.approx(SETTINGS["target-epsilon"], abs=0.05)
+    # Another run, another seed, another class order, a restarted guard: the same patients, the same ledger.
+    again = _guard(tmp_path, tiny_site)
+    reply = _call(again, MessageType.TRAIN, 1, run=2, seed=99, classes="lesion,organ")
+    assert reply.content["metrics"]["epsilon"] > round(epsilons[2], 2)
+
+
+def test_an_added_patient_inherits_the_running_total(tiny_federation, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_federation / "site-01", data)
+    guard = _guard(tmp_path / "state", data)
+    _call(guard, MessageType.TRAIN, 1)
+    spent = guard.spent()
+    newcomer = sorted(p for p in (tiny_federation / "site-02").iterdir() if p.is_dir())[0]
+    shutil.copytree(newcomer, data / newcomer.name)
+    reloaded = _guard(tmp_path / "state", data)
+    assert reloaded.spent() == spent > 0
+    assert _call(reloaded, MessageType.TRAIN, 1, run=2).content["metrics"]["epsilon"] > round(spent, 2)
+
+
+def test_hostile_requests_are_refused_with_codes_and_spend_nothing(tiny_site, tmp_path):
+    guard = _guard(tmp_path, tiny_site)
+    attempts = {
+        "delta_above_policy": dict(kind=MessageType.TRAIN, delta=0.99),
+        "noise_below_policy": dict(kind=MessageType.TRAIN, **{"noise-multiplier": 0.05}),
+        "class_not_in_policy": dict(kind=MessageType.TRAIN, classes="organ,brain"),
+        "non_private_not_allowed": dict(kind=MessageType.TRAIN, **{"target-epsilon": math.inf}),
+        "rounds_over_policy": dict(kind=MessageType.TRAIN, **{"num-server-rounds": 1000}),
+        "validation_limit": dict(kind=MessageType.EVALUATE, server_round=5),  # a round that never trained
+    }
+    for code, request in attempts.items():
+        kind = request.pop("kind")
+        reply = _call(guard, kind, request.pop("server_round", 1), **request)
+        assert (reply.content["site"]["status"], reply.content["site"]["reason"]) == ("refused", code)
+        assert "arrays" not in reply.content and not dict(reply.content["metrics"])
+    assert guard.spent() == 0.0 and not guard.ledger.history  # nothing spent, nothing released
+    assert [e["code"] for e in guard.ledger.entries if e["kind"] == "refusal"] == list(attempts)
+    # one validation per round: the second query of round 0 in the same run is refused
+    assert _call(guard, MessageType.EVALUATE, 0).content["site"]["status"] == "ok"
+    assert _call(guard, MessageType.EVALUATE, 0).content["site"]["reason"] == "validation_limit"
+    # over budget: refused before any data is touched
+    poor = _guard(tmp_path / "poor", tiny_site, epsilon_budget=0.5)
+    assert _call(poor, MessageType.TRAIN).content["site"]["reason"] == "budget_exhausted" and poor.spent() == 0.0
+
+
+def test_noise_cannot_be_replayed_from_the_run_config(tiny_site, tmp_path):
+    """Same seed, same data, same global model: the updates differ, and a replay on all-zero images
+    does not reproduce the noise (it is drawn from an OS-seeded generator)."""
+    start = model_arrays(build_model(3))
+    first = _weights(_call(_guard(tmp_path / "a", tiny_site), MessageType.TRAIN, 1, weights=start))
+    second = _weights(_call(_guard(tmp_path / "b", tiny_site), MessageType.TRAIN, 1, weights=start))
+    name = next(iter(start))
+    assert not np.allclose(first[name], second[name])
+    zeros = tmp_path / "zeros"
+    shutil.copytree(tiny_site, zeros)
+    import pydicom
+    for path in zeros.rglob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        if ds.Modality == "CT":
+            ds.PixelData = bytes(len(ds.PixelData))
+            ds.save_as(path)
+    replay = _weights(_call(_guard(tmp_path / "c", zeros), MessageType.TRAIN, 1, weights=start))
+    noise_a, noise_b = first[name] - start[name], replay[name] - start[name]
+    assert abs(np.corrcoef(noise_a.ravel(), noise_b.ravel())[0, 1]) < 0.9
+
+
+def test_ledger_edits_deletion_and_replacement_stop_the_site(tiny_site, tmp_path):
+    guard = _guard(tmp_path, tiny_site)
+    _call(guard, MessageType.TRAIN, 1)
+    state = SiteState(tmp_path)
+    lines = state.ledger_file.read_text().splitlines()
+    edited = lines[1].replace('"epsilon_after": ', '"epsilon_after": 0.0, "x": ')
+    state.ledger_file.write_text("\n".join([lines[0], edited, *lines[2:]]) + "\n")
+    with pytest.raises(LedgerError, match="hash chain"):
+        state.open("north")
+    state.ledger_file.write_text("\n".join(lines) + "\n")
+    assert state.open("north")[1].epsilon(1e-3) > 0  # restored from backup: as it was
+    original = state.ledger_file.read_bytes()
+    state.ledger_file.unlink()
+    with pytest.raises(LedgerError, match="missing"):
+        state.open("north", create_with=POLICY)  # never recreated silently
+    PrivacyLedger.create(state.ledger_file, "north")  # a fresh ledger slipped in
+    with pytest.raises(LedgerError, match="another genesis"):
+        state.open("north")
+    state.ledger_file.write_bytes(original)
+
+
+def test_a_load_error_leaves_as_a_code_without_patient_identifiers(tiny_site, tmp_path):
+    patient_ids = [p.name for p in tiny_site.iterdir() if p.is_dir()]
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_site, broken)
+    for seg in broken.rglob("SEG/*.dcm"):
+        seg.write_bytes(b"garbage")
+    reply = _call(_guard(tmp_path / "b", broken), MessageType.TRAIN, 1)
+    assert (reply.content["site"]["status"], reply.content["site"]["reason"]) == ("refused", "data_unusable")
+    text = repr(reply.content)
+    assert not any(pid in text for pid in patient_ids) and str(broken) not in text
+
+
+def test_audit_log_names_exactly_the_arrays_the_server_received(tiny_site, tmp_path):
+    guard = _guard(tmp_path, tiny_site)
+    reply = _call(guard, MessageType.TRAIN, 1)
+    entry = guard.ledger.entries[-1]
+    assert entry["kind"] == "train" and entry["released_sha256"] == arrays_sha256(_weights(reply))
+    assert entry["metrics"] == dict(reply.content["metrics"])
+    out = subprocess.run([sys.executable, "-m", "common.cli", "audit", str(tmp_path)], capture_output=True, text=True,
+                         cwd=Path(__file__).parents[1])
+    assert out.returncode == 0 and "hash chain OK" in out.stdout and entry["released_sha256"][:16] in out.stdout
+    assert "unit of privacy: the patient" in out.stdout
+    SiteState(tmp_path).ledger_file.write_text(SiteState(tmp_path).ledger_file.read_text().replace('"train"', '"genesis"'))
+    out = subprocess.run([sys.executable, "-m", "common.cli", "audit", str(tmp_path)], capture_output=True, text=True,
+                         cwd=Path(__file__).parents[1])
+    assert out.returncode != 0 and "AUDIT FAILED" in out.stderr
+
+
+def test_guard_socket_serves_the_courier_and_drops_pickles(tiny_site, tmp_path):
+    import io
+    import pickle
+
+    guard = _guard(tmp_path / "state", tiny_site)
+    path = tmp_path / "guard.sock"
+    server = GuardServer(path, guard)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        reply = _call(GuardClient(path), MessageType.TRAIN, 1)
+        assert reply.content["site"]["status"] == "ok" and "arrays" in reply.content
+        evil = io.BytesIO()
+        np.save(evil, np.array([object()], dtype=object), allow_pickle=True)
+        payload = pickle.dumps({"op": "train"})
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(path))
+            sock.sendall(PREFIX.pack(MAGIC, len(payload), 0) + payload)
+            assert sock.recv(10) == b""  # not JSON: dropped, no answer
+        assert len(guard.ledger.history) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_two_guards_take_turns_on_the_ledger(tiny_site, tmp_path):
+    """One holds the ledger from budget check to write; the other, waiting, then sees its spending."""
+    first = _guard(tmp_path, tiny_site)
+    second = _guard(tmp_path, tiny_site)
+    seen = []
+    with first.ledger.locked():
+        def other():
+            with second.ledger.locked():
+                seen.append(list(second.ledger.history))
+        waiting = threading.Thread(target=other)
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive() and not seen
+        first.ledger.append("train", run="a", round=1, event=[1.0, 0.1, 10])
+    waiting.join(timeout=10)
+    assert seen == [[(1.0, 0.1, 10)]]
+
+
+def test_server_records_a_refusing_site_and_aggregates_the_others(tiny_site, tmp_path):
+    import torch
+    from flwr.serverapp.strategy import FedAvg
+
+    from server.run_record import RunRecord
+    from server.strategy import FederationStrategy
+
+    ok = _call(_guard(tmp_path / "a", tiny_site), MessageType.TRAIN)
+    refused = _call(_guard(tmp_path / "b", tiny_site, epsilon_budget=0.5), MessageType.TRAIN)
+    refused.content["site"]["name"] = "south"
+    record = RunRecord(tmp_path / "run", run_config({"min-sites": 1}))
+    strategy = FederationStrategy(FedAvg(min_train_nodes=1), record, progress=lambda _: None)
+    strategy.sent = {k: v.numpy() for k, v in ok.content["arrays"].items()}
+    arrays, _ = strategy.aggregate_train(1, [ok, refused])
+    aggregated = arrays.to_torch_state_dict()
+    for key, value in ok.content["arrays"].to_torch_state_dict().items():
+        assert torch.allclose(aggregated[key], value)
+    sites = record.round(1)["sites"]
+    assert sites["north"]["status"] == "ok" and sites["south"]["status"] == "refused"
+    assert sites["south"]["reason"] == "budget_exhausted"

@@ -155,7 +155,7 @@ class SiteGuard:
             out = model_arrays(model)
             metrics = {"num-examples": self.policy.binned(len(data.train)), "train-loss": self.policy.release(loss),
                        "epsilon": self.policy.release(planned), "noise-multiplier": round(plan.noise_multiplier, 2),
-                       "seconds": float(round(time.perf_counter() - started))}
+                       "seconds": round(time.perf_counter() - started, 1)}
             self.ledger.append("train", run=run, round=server_round, event=list(plan.event), delta=self.policy.delta,
                                unit="patient", epsilon_before=before, epsilon_after=planned,
                                received_sha256=arrays_sha256(arrays), released_sha256=arrays_sha256(out), metrics=metrics)
@@ -175,9 +175,10 @@ class SiteGuard:
             trained = server_round == 0 or any(e["kind"] == "train" for e in done)
             if not trained or sum(e["kind"] == "validate" for e in done) >= self.policy.validations_per_round:
                 raise Refusal("validation_limit")
+            started = time.perf_counter()
             measured = evaluate(model, data, len(classes), self.device)
             metrics = self._released(measured)
-            metrics.update({"num-examples": self.policy.binned(len(data.validation)),
+            metrics.update({"num-examples": self.policy.binned(len(data.validation)), "seconds": round(time.perf_counter() - started, 1),
                             "epsilon": self.policy.release(self.ledger.epsilon(self.policy.delta))})
             self.ledger.append("validate", run=run, round=server_round, received_sha256=arrays_sha256(arrays), metrics=metrics)
         log.info("%s round %d: validation Dice %.3f on %d patients", self.name, server_round, measured["dice"], len(data.validation))

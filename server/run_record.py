@@ -133,7 +133,7 @@ class RunRecord:
         self.write_history()
 
     def write_history(self) -> None:
-        history = {"config": self.config, "status": self.status, "rounds": [self.rounds[r] for r in sorted(self.rounds)],
+        history = {"config": self.config, "status": self.status, "privacy_unit": "patient", "rounds": [self.rounds[r] for r in sorted(self.rounds)],
                    "site_nodes": self.site_nodes, "events": self.events,
                    "wall_time_s": self.elapsed_before + time.time() - self.started}
         _atomic_write(self.dir / "history.json", lambda fh: json.dump(_clean(history), fh, indent=1))

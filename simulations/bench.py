@@ -26,6 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from client.site_policy import SitePolicy
+from common.config import class_names
+from common.dataset import SiteData, load_site
 from common.processes import descendants
 from server.run_record import cell, history_number
 
@@ -82,7 +85,8 @@ def simulate(plan: Plan, label: str, out: Path, cache: Path, *options: str, site
     source = ["--data-root", str(data_root)] if data_root else ["--sites", str(sites or plan.sites), "--size", size or plan.size]
     command = [sys.executable, "-m", "common.cli", "simulate", *source, "--rounds", str(plan.rounds),
                "--local-epochs", str(plan.local_epochs), "--image-size", str(plan.image_size), "--batch-size", str(plan.batch_size),
-               "--seed", str(plan.seed), "--cache-dir", str(cache), "--out", str(run_dir), *options]
+               "--seed", str(plan.seed), "--cache-dir", str(cache), "--out", str(run_dir),
+               "--ledger-dir", str(run_dir / "sites"), *options]  # each benchmark run is its own experiment
     code, wall, peak = run_measured(command, out / "logs" / f"{label}.log")
     if code != 0:
         raise RuntimeError(f"benchmark run {label} failed; see {out / 'logs' / f'{label}.log'}")
@@ -129,7 +133,6 @@ def centralised(plan: Plan, site_dirs: list[str]) -> dict[str, Any]:
 
     from client.training import evaluate, plan_round, train_round
     from common.config import TrainSettings, run_config
-    from common.dataset import SiteData
     from common.model import build_model
 
     config = run_config({"image-size": plan.image_size, "batch-size": plan.batch_size, "seed": plan.seed,
@@ -270,8 +273,10 @@ def parameter_count() -> int:
 
 
 def deployment_overhead(plan: Plan, out: Path, site_dirs: list[str]) -> dict[str, Any]:
-    """The same round with real processes: `fedseg server`, one `fedseg site` per site (1 thread
-    each, all on this machine) and `fedseg run`, over loopback (insecure: overhead, not security)."""
+    """The same round with real processes: `fedseg server`, one `fedseg site` per site (its guard,
+    SuperNode and courier; 1 thread each, all on this machine) and `fedseg run` at ε 8, over
+    loopback (insecure: overhead, not security)."""
+    from client.isolation import ensure_user, let_courier_run_python
     from common.processes import free_port, port_open
 
     base, port = out / "deployment", free_port()
@@ -287,13 +292,19 @@ def deployment_overhead(plan: Plan, out: Path, site_dirs: list[str]) -> dict[str
             if server.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"the benchmark's server did not start; see {base / 'server.log'}")
             time.sleep(0.5)
+        if os.geteuid() == 0:  # the sites' couriers run as an unprivileged user, who must be able to run this Python
+            ensure_user()
+            let_courier_run_python()
         for i, folder in enumerate(site_dirs):
-            procs.append(subprocess.Popen([*fedseg, "site", str(base / f"site-{i + 1}"), "--data", folder, "--server", f"127.0.0.1:{port}",
-                                           "--insecure", "--threads", "1", "--epsilon-budget", "inf"],
+            os.chmod(folder, 0o700)  # a site refuses data its courier could read
+            site = str(base / f"site-{i + 1}")
+            subprocess.run([*fedseg, "site-init", site, "--epsilon-budget", "1000", "--min-noise-multiplier", "0"], check=True,
+                           capture_output=True)
+            procs.append(subprocess.Popen([*fedseg, "site", site, "--data", folder, "--server", f"127.0.0.1:{port}", "--insecure", "--threads", "1"],
                                           stdout=(base / f"site-{i + 1}.log").open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
         code, wall, _ = run_measured([*fedseg, "run", str(base / "coordinator"), "--rounds", str(plan.cost_rounds), "--local-epochs",
                                       str(plan.local_epochs), "--image-size", str(plan.image_size), "--batch-size", str(plan.batch_size),
-                                      "--epsilon", "inf", "--min-sites", str(len(site_dirs)), "--run-dir", "runs/bench"], base / "run.log")
+                                      "--epsilon", "8", "--min-sites", str(len(site_dirs)), "--run-dir", "runs/bench"], base / "run.log")
         if code != 0:
             raise RuntimeError(f"the benchmark's deployment run failed; see {base / 'run.log'}")
         history = json.loads((base / "coordinator" / "runs" / "bench" / "history.json").read_text())

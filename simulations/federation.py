@@ -22,7 +22,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from common.seg_writer import write_seg
 from simulations.phantom import random_anatomy, render
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 CLASS_NAMES = ("background", "organ", "lesion")
 
 
@@ -45,7 +45,7 @@ class ScannerProfile:
 
 SIZES = {
     # name: (patients range, matrix choices, slices range)
-    "default": ((8, 12), (96, 112, 128), (14, 18)),
+    "default": ((40, 50), (96, 112, 128), (6, 8)),
     "tiny": ((4, 5), (40, 48), (6, 8)),
 }
 

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a whole `fedseg` run: not in the fast lane
+
 
 def test_quick_benchmark_fills_every_row_with_a_measurement(tmp_path):
     out = tmp_path / "results"

@@ -28,6 +28,7 @@ from common.processes import free_port, port_open
 from server.superlink import ServerFolder
 
 REPO = Path(__file__).parents[1]
+pytestmark = pytest.mark.slow  # real processes: not in the fast lane
 HOSPITALS = ("hospital-a", "hospital-b")
 FEDSEG = [sys.executable, "-m", "common.cli"]
 
@@ -88,7 +89,7 @@ def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
     port = free_port()
     assert _fedseg("demo-data", "demo", "--sites", "2", "--size", "tiny", cwd=root).returncode == 0
-    data = root / "demo" / "federation-v3-tiny-2sites-seed0"
+    data = root / "demo" / "federation-v4-tiny-2sites-seed0"
     assert _fedseg("certs", "coordinator", "--hostname", "fedseg.test", cwd=root).returncode == 0
     for site in (*HOSPITALS, "site-unregistered"):
         # Budget 60 against a run target of 30: room for a round lost in the server crash and run again.

@@ -185,8 +185,20 @@ def test_a_load_error_leaves_as_a_code_without_patient_identifiers(tiny_site, tm
         seg.write_bytes(b"garbage")
     reply = _call(_guard(tmp_path / "b", broken), MessageType.TRAIN, 1)
     assert (reply.content["site"]["status"], reply.content["site"]["reason"]) == ("refused", "data_unusable")
-    text = repr(reply.content)
-    assert not any(pid in text for pid in patient_ids) and str(broken) not in text
+    # What the server keeps of it: its history and its console log hold the code, not the patients.
+    from flwr.serverapp.strategy import FedAvg
+
+    from server.run_record import RunRecord
+    from server.strategy import FederationStrategy
+
+    record, log = RunRecord(tmp_path / "run", run_config({"min-sites": 1})), []
+    strategy = FederationStrategy(FedAvg(min_train_nodes=1), record, progress=log.append)
+    strategy.sent = model_arrays(build_model(3))
+    strategy.aggregate_train(1, [reply])
+    record.write_history()
+    kept = (tmp_path / "run" / "history.json").read_text() + "\n".join(log) + repr(reply.content)
+    assert "data_unusable" in kept
+    assert not any(pid in kept for pid in patient_ids) and str(broken) not in kept and "site-01" not in kept
 
 
 def test_audit_log_names_exactly_the_arrays_the_server_received(tiny_site, tmp_path):

@@ -28,6 +28,7 @@ from common.processes import free_port
 from tests.conftest import CLASSES
 
 REPO = Path(__file__).parents[1]
+pytestmark = pytest.mark.slow  # real processes: not in the fast lane
 FEDSEG = [sys.executable, "-m", "common.cli"]
 
 

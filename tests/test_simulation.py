@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a whole `fedseg` run: not in the fast lane
+
 
 def _simulate(tmp_path: Path, *args: str) -> dict:
     run_dir = tmp_path / "run"

@@ -12,6 +12,8 @@ courier ClientApp, which runs as another OS user; a simulation calls the same ob
 from __future__ import annotations
 
 import logging
+import math
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,6 +47,12 @@ REFUSALS = {
     "internal_error": "the site failed (detail in the site's log)",
 }
 IMAGE_SIZES = range(16, 513)
+RUN_ID = re.compile(r"[\w.-]{1,128}")
+# What a request may ask at all, whatever the policy: anything else is a malformed request (NaN, ∞
+# where not meant, absurd sizes that would hang the accountant or burn budget for nothing).
+RANGES = {"batch_size": (1, 10_000), "local_epochs": (1, 100), "num_rounds": (1, 10_000), "learning_rate": (1e-8, 10.0),
+          "momentum": (0.0, 0.999), "proximal_mu": (0.0, 100.0), "noise_multiplier": (0.0, 50.0),
+          "max_grad_norm": (1e-6, 100.0), "delta": (1e-300, 1.0), "seed": (0, 2**62)}
 
 
 class Refusal(Exception):
@@ -81,9 +89,10 @@ class SiteGuard:
 
     def handle(self, header: Mapping[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
         """One request → (reply header, arrays). Never raises: refusals and failures are codes."""
-        op, run, server_round = header.get("op"), str(header.get("run", "")), header.get("round")
+        op, run, server_round = header.get("op"), str(header.get("run", ""))[:128], header.get("round")
         try:
-            if op not in ("train", "validate") or not isinstance(server_round, int) or not isinstance(header.get("settings"), Mapping):
+            if (op not in ("train", "validate") or type(server_round) is not int or not isinstance(header.get("settings"), Mapping)
+                    or not RUN_ID.fullmatch(run)):
                 raise Refusal("bad_request")
             return (self.train if op == "train" else self.validate)(run, server_round, header["settings"], arrays)
         except Refusal as refusal:
@@ -110,7 +119,10 @@ class SiteGuard:
             size = int(settings["image-size"])
         except (KeyError, TypeError, ValueError) as err:
             raise Refusal("bad_request") from err
-        if size not in IMAGE_SIZES or server_round < 0 or len(classes) < 2 or len(set(classes)) != len(classes):
+        in_range = all(lo <= getattr(train, name) <= hi for name, (lo, hi) in RANGES.items())
+        target_ok = train.target_epsilon == math.inf or 0.05 <= train.target_epsilon <= 100
+        if (not in_range or not target_ok or size not in IMAGE_SIZES or server_round < 0 or len(classes) < 2
+                or len(set(classes)) != len(classes)):
             raise Refusal("bad_request")
         if not set(classes[1:]) <= set(self.policy.classes):
             raise Refusal("class_not_in_policy")
@@ -133,10 +145,10 @@ class SiteGuard:
         if settings.server_round < 1 or settings.num_rounds > self.policy.max_rounds_per_run or settings.server_round > settings.num_rounds:
             raise Refusal("rounds_over_policy")
         try:
-            plan = plan_round(settings, num_patients, self.policy.delta)
+            plan = plan_round(settings, self.policy.binned_down(num_patients), self.policy.delta)
         except ValueError as err:  # Opacus cannot reach the target ε with any σ it tries
             raise Refusal("noise_below_policy") from err
-        if settings.private and plan.noise_multiplier < self.policy.min_noise_multiplier:
+        if settings.private and not self.policy.min_noise_multiplier <= plan.noise_multiplier <= RANGES["noise_multiplier"][1]:
             raise Refusal("noise_below_policy")
         return plan
 
@@ -153,13 +165,14 @@ class SiteGuard:
             started = time.perf_counter()
             loss = train_round(model, data.train, settings, plan, self.policy.slices_per_patient, self.device)
             out = model_arrays(model)
-            metrics = {"num-examples": self.policy.binned(len(data.train)), "train-loss": self.policy.release(loss),
-                       "epsilon": self.policy.release(planned), "noise-multiplier": round(plan.noise_multiplier, 2),
+            # The training loss stays here: it is the chosen weights' loss on the patients, outside any ε.
+            metrics = {"num-examples": self.policy.binned(len(data.train)), "epsilon": self.policy.release(planned), "noise-multiplier": round(plan.noise_multiplier, 2),
                        "seconds": round(time.perf_counter() - started, 1)}
             self.ledger.append("train", run=run, round=server_round, event=list(plan.event), delta=self.policy.delta,
                                unit="patient", epsilon_before=before, epsilon_after=planned,
                                received_sha256=arrays_sha256(arrays), released_sha256=arrays_sha256(out), metrics=metrics)
-        log.info("%s round %d: %d %s steps over %d patients (noise multiplier %.2f), train loss %.3f, patient-level ε %.2f of budget %g",
+        log.info("%s round %d: %d %s steps over %d patients (noise multiplier %.2f), train loss %.3f (not released), "
+                 "patient-level ε %.2f of budget %g",
                  self.name, server_round, plan.steps, "DP-SGD" if plan.noise_multiplier else "non-private SGD",
                  len(data.train), plan.noise_multiplier, loss, planned, self.policy.epsilon_budget)
         return {"status": "ok", "code": "", "site": self.name, "metrics": metrics}, out
@@ -171,18 +184,29 @@ class SiteGuard:
         if not data.validation:
             raise Refusal("data_unusable")
         with self.ledger.locked():
-            done = [e for e in self.ledger.entries if e.get("run") == run and e.get("round") == server_round]
-            trained = server_round == 0 or any(e["kind"] == "train" for e in done)
-            if not trained or sum(e["kind"] == "validate" for e in done) >= self.policy.validations_per_round:
+            if not self._may_validate(run, server_round):
                 raise Refusal("validation_limit")
             started = time.perf_counter()
             measured = evaluate(model, data, len(classes), self.device)
             metrics = self._released(measured)
             metrics.update({"num-examples": self.policy.binned(len(data.validation)), "seconds": round(time.perf_counter() - started, 1),
                             "epsilon": self.policy.release(self.ledger.epsilon(self.policy.delta))})
-            self.ledger.append("validate", run=run, round=server_round, received_sha256=arrays_sha256(arrays), metrics=metrics)
+            self.ledger.append("validate", run=run, round=server_round, unix=time.time(), received_sha256=arrays_sha256(arrays),
+                               metrics=metrics)
         log.info("%s round %d: validation Dice %.3f on %d patients", self.name, server_round, measured["dice"], len(data.validation))
         return {"status": "ok", "code": "", "site": self.name, "metrics": metrics}, {}
+
+    def _may_validate(self, run: str, server_round: int) -> bool:
+        """Once per trained round (that training was paid for in ε). Round 0 validates weights no
+        site trained, and the run name comes from the courier, so those are capped site-wide per day."""
+        done = [e for e in self.ledger.entries if e.get("run") == run and e.get("round") == server_round]
+        if sum(e["kind"] == "validate" for e in done) >= self.policy.validations_per_round:
+            return False
+        if server_round > 0:
+            return any(e["kind"] == "train" for e in done)
+        day_ago = time.time() - 86_400
+        untrained = [e for e in self.ledger.entries if e["kind"] == "validate" and e.get("round") == 0 and e.get("unix", 0) > day_ago]
+        return len(untrained) < self.policy.untrained_validations_per_day
 
     def _released(self, measured: Mapping[str, float]) -> dict[str, float]:
         """The metrics the policy lets leave, at its precision."""

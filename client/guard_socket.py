@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import socketserver
 import struct
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,9 +33,14 @@ class Handler(Protocol):
     def handle(self, header: Mapping[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]: ...
 
 
-def _read_exactly(sock: socket.socket, count: int) -> bytes:
+def _read_exactly(sock: socket.socket, count: int, deadline: float | None) -> bytes:
     chunks, left = [], count
     while left:
+        if deadline is not None:  # the whole frame has a deadline, not each recv: no slow-drip reads
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise GuardProtocolError("frame not complete in time")
+            sock.settimeout(remaining)
         chunk = sock.recv(min(left, 1 << 20))
         if not chunk:
             raise GuardProtocolError("connection closed mid-frame")
@@ -49,13 +54,14 @@ def send_frame(sock: socket.socket, header: Mapping[str, Any], arrays: Arrays) -
     sock.sendall(PREFIX.pack(MAGIC, len(head), len(body)) + head + body)
 
 
-def read_frame(sock: socket.socket) -> tuple[dict[str, Any], Arrays]:
-    magic, head_len, body_len = PREFIX.unpack(_read_exactly(sock, PREFIX.size))
+def read_frame(sock: socket.socket, timeout: float | None = None) -> tuple[dict[str, Any], Arrays]:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    magic, head_len, body_len = PREFIX.unpack(_read_exactly(sock, PREFIX.size, deadline))
     if magic != MAGIC or head_len > MAX_HEADER_BYTES or body_len > MAX_ARRAYS_BYTES:
         raise GuardProtocolError("not a guard frame, or too large")
     try:
-        header = json.loads(_read_exactly(sock, head_len))
-        arrays = decode(_read_exactly(sock, body_len)) if body_len else {}
+        header = json.loads(_read_exactly(sock, head_len, deadline))
+        arrays = decode(_read_exactly(sock, body_len, deadline)) if body_len else {}
     except (ValueError, ArrayFormatError) as err:
         raise GuardProtocolError("malformed frame") from err
     if not isinstance(header, dict):
@@ -80,27 +86,23 @@ class GuardClient:
 class GuardServer(socketserver.UnixStreamServer):
     """Serves one request at a time (a site trains one round at a time)."""
 
-    def __init__(self, path: Path, guard: Handler, read_timeout: float = 120.0) -> None:
-        self.guard, self.read_timeout = guard, read_timeout
+    def __init__(self, path: Path, guard: Handler, timeout: float = 60.0) -> None:
+        self.guard, self.timeout = guard, timeout
         if path.is_socket():
-            path.unlink()  # a stale socket of an earlier guard; the ledger lock keeps two guards apart
+            path.unlink()  # a stale socket left by a guard that was killed
         super().__init__(str(path), _Connection)
-
-    def socket_path(self) -> Path:
-        return Path(self.server_address if isinstance(self.server_address, str) else os.fsdecode(self.server_address))
 
 
 class _Connection(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         server: GuardServer = self.server  # type: ignore[assignment]
-        self.request.settimeout(server.read_timeout)
         try:
-            header, arrays = read_frame(self.request)
+            header, arrays = read_frame(self.request, server.timeout)
         except (GuardProtocolError, OSError, struct.error) as err:
             log.warning("guard: dropped a malformed request (%s)", type(err).__name__)
             return
         reply, out = server.guard.handle(header, arrays)
-        self.request.settimeout(None)
+        self.request.settimeout(server.timeout)  # a courier that never reads its reply does not hold the guard
         try:
             send_frame(self.request, reply, out)
         except OSError:

@@ -117,11 +117,12 @@ class PrivacyLedger:
         """Patient-level ε spent so far (plus `planned`), from Opacus' RDP accountant; ∞ once any
         round trained without noise."""
         events = self.history + list(planned or [])
-        if any(sigma <= 0 for sigma, _, _ in events):
+        if any(not sigma > 0 for sigma, _, _ in events):  # no noise (or NaN): unbounded
             return math.inf
         if not events:
             return 0.0
-        return rdp_epsilon(events, delta)
+        eps = rdp_epsilon(events, delta)
+        return eps if math.isfinite(eps) else math.inf
 
     @contextmanager
     def locked(self) -> Iterator[PrivacyLedger]:

@@ -29,6 +29,7 @@ class SitePolicy:
     validation_fraction: float = 0.25
     validation_key: str = ""  # secret: which patients validate (hex); made at creation
     validations_per_round: int = 1
+    untrained_validations_per_day: int = 4  # round-0 validations (weights nobody here trained), all runs together
     metrics: tuple[str, ...] = ("dice", "dice-per-class", "hd95")  # what validation may release
     precision: int = 2  # decimals of every released metric
     example_count_bin: int = 10  # the training example count leaves rounded up to this
@@ -44,6 +45,7 @@ class SitePolicy:
             "classes must name at least one class": bool(self.classes),
             "validation_fraction must be in [0, 1)": 0 <= self.validation_fraction < 1,
             "validations_per_round must be >= 1": self.validations_per_round >= 1,
+            "untrained_validations_per_day must be >= 0": self.untrained_validations_per_day >= 0,
             "precision must be 0..6": 0 <= self.precision <= 6,
             "example_count_bin must be >= 1": self.example_count_bin >= 1,
             "metrics may be dice, dice-per-class, iou, hd95": set(self.metrics) <= {"dice", "dice-per-class", "iou", "hd95"},
@@ -65,7 +67,14 @@ class SitePolicy:
         return round(float(value), self.precision) if math.isfinite(value) else float(value)
 
     def binned(self, count: int) -> int:
+        """A count as released: rounded up to the bin."""
         return self.example_count_bin * max(1, math.ceil(count / self.example_count_bin))
+
+    def binned_down(self, count: int) -> int:
+        """The patient count the sampling rate is planned on: rounded down to the bin, so σ, steps and
+        ε (all released) depend on the bin, not the exact count. Sampling at that (higher) rate is
+        what the accountant is told: exact, and conservative."""
+        return max(min(count, self.example_count_bin), self.example_count_bin * (count // self.example_count_bin))
 
     @classmethod
     def load(cls, path: Path) -> SitePolicy:

@@ -152,7 +152,8 @@ class FederationStrategy(Strategy):
             del trained[name]
         for name in trained:
             s = self.record.site(server_round, name)
-            self.progress(f"  round {server_round} {name}: train loss {s['train_loss']:.4f}, ε {s['epsilon']:.3f}, {s['examples']} patients (binned)")
+            self.progress(f"  round {server_round} {name}: trained, patient-level ε {s['epsilon']:.2f}, σ {s['noise_multiplier']:.2f}, "
+                          f"{s['examples']} patients (binned)")
         if len(trained) < self.min_sites:
             return None, None
         arrays, metrics = self.inner.aggregate_train(server_round, self._harmonised(list(trained.values())))

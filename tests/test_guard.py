@@ -38,7 +38,7 @@ def _guard(root: Path, data: Path, **policy):
 
 
 def _request(server_round: int, **overrides) -> dict:
-    cfg = run_config({**SETTINGS, **{k: v for k, v in overrides.items() if k in SETTINGS or k in ("classes", "noise-multiplier", "seed")}})
+    cfg = run_config({**SETTINGS, **overrides})
     return {**{k: cfg[k] for k in SITE_KEYS}, "server-round": server_round}
 
 
@@ -71,7 +71,8 @@ def test_reply_carries_only_model_shaped_arrays_and_rounded_scalars(tiny_site, t
         assert metrics["num-examples"] % 10 == 0  # binned, not the exact patient count
         assert set(reply.content["site"]) == {"name", "status", "reason"}
         assert set(reply.content) <= {"arrays", "metrics", "site"}
-    assert "steps" not in _call(guard, MessageType.TRAIN, 2).content["metrics"]  # exact step counts reveal N
+    released = _call(guard, MessageType.TRAIN, 2).content["metrics"]
+    assert "steps" not in released and "train-loss" not in released  # steps reveal N; the loss is outside ε
 
 
 def test_patient_level_epsilon_is_opacus_rdp_over_patient_sampling_and_survives_a_new_run(tiny_site, tmp_path):
@@ -130,9 +131,28 @@ def test_hostile_requests_are_refused_with_codes_and_spend_nothing(tiny_site, tm
     # one validation per round: the second query of round 0 in the same run is refused
     assert _call(guard, MessageType.EVALUATE, 0).content["site"]["status"] == "ok"
     assert _call(guard, MessageType.EVALUATE, 0).content["site"]["reason"] == "validation_limit"
+    # round 0 (weights nobody here trained) under ever new run names: capped per day, site-wide
+    untrained = [_call(guard, MessageType.EVALUATE, 0, run=100 + i).content["site"]["reason"] for i in range(5)]
+    assert untrained == ["", "", "", "validation_limit", "validation_limit"]  # 1 above + 3 = the policy's 4 a day
+    # values no run needs, which would hang the accountant or burn budget for nothing
+    for absurd in ({"noise-multiplier": float("nan")}, {"noise-multiplier": 1e6}, {"target-epsilon": -1.0},
+                   {"target-epsilon": 1e-9}, {"batch-size": 0}, {"max-grad-norm": 0.0}, {"local-epochs": 10**6}):
+        reply = _call(guard, MessageType.TRAIN, 1, **absurd)
+        assert reply.content["site"]["reason"] == "bad_request", absurd
+    assert guard.spent() == 0.0
     # over budget: refused before any data is touched
     poor = _guard(tmp_path / "poor", tiny_site, epsilon_budget=0.5)
     assert _call(poor, MessageType.TRAIN).content["site"]["reason"] == "budget_exhausted" and poor.spent() == 0.0
+
+
+def test_released_sigma_and_epsilon_depend_on_the_patient_bin_not_the_exact_count(tiny_site, tmp_path):
+    from common.config import TrainSettings
+
+    guard = _guard(tmp_path, tiny_site)
+    settings = TrainSettings.from_config({**_request(1), "batch-size": 16, "target-epsilon": 8.0, "delta": 1e-5})
+    plans = {n: guard.plan(settings, n) for n in (41, 44, 49)}
+    assert len(set(plans.values())) == 1 and plans[41].sample_rate == 16 / 40
+    assert guard.plan(settings, 51) != plans[41]
 
 
 def test_noise_cannot_be_replayed_from_the_run_config(tiny_site, tmp_path):
@@ -158,7 +178,8 @@ def test_noise_cannot_be_replayed_from_the_run_config(tiny_site, tmp_path):
 
 def test_ledger_edits_deletion_and_replacement_stop_the_site(tiny_site, tmp_path):
     guard = _guard(tmp_path, tiny_site)
-    _call(guard, MessageType.TRAIN, 1)
+    trained = _call(guard, MessageType.TRAIN, 1).content["site"]
+    assert trained["status"] == "ok", trained
     state = SiteState(tmp_path)
     lines = state.ledger_file.read_text().splitlines()
     edited = lines[1].replace('"epsilon_after": ', '"epsilon_after": 0.0, "x": ')
@@ -236,6 +257,22 @@ def test_guard_socket_serves_the_courier_and_drops_pickles(tiny_site, tmp_path):
             sock.sendall(PREFIX.pack(MAGIC, len(payload), 0) + payload)
             assert sock.recv(10) == b""  # not JSON: dropped, no answer
         assert len(guard.ledger.history) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    # A courier that drips its request a byte at a time loses the guard after the frame's deadline.
+    server = GuardServer(path, guard, timeout=1.0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        import time
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(path))
+            started = time.monotonic()
+            with pytest.raises(OSError):
+                for byte in PREFIX.pack(MAGIC, 100, 0) + b"{" * 100:
+                    sock.sendall(bytes([byte]))
+                    time.sleep(0.3)
+            assert time.monotonic() - started < 5
     finally:
         server.shutdown()
         server.server_close()

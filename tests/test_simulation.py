@@ -32,7 +32,7 @@ def _check_report(run_dir: Path, history: dict) -> None:
     is in its table; the overlays of predictions on validation slices are there."""
     page = (run_dir / "report.html").read_text()
     images = re.findall(r'src="(report/[^"]+)"', page)
-    assert {Path(i).name for i in images} == {"dice.png", "epsilon.png", "train_loss.png", "durations.png", "participation.png", "overlays.png"}
+    assert {Path(i).name for i in images} == {"dice.png", "epsilon.png", "noise.png", "durations.png", "participation.png", "overlays.png"}
     for image in images:
         data = (run_dir / image).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5_000, image

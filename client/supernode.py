@@ -1,5 +1,6 @@
-"""A hospital site as Flower deploys it: a SuperNode that dials the aggregation server over TLS,
-authenticates with the site's private key, and runs the fedseg ClientApp on the site's own data.
+"""A hospital site as Flower deploys it: the site guard (this process, owner of the data), a SuperNode
+that dials the aggregation server over TLS and authenticates with the site's private key, and the
+SuperExec that runs each message's courier ClientApp as another OS user (`client.isolation`).
 
     SITE_DIR/site.key, site.pub   the site's key pair (`fedseg site-init`); only site.pub leaves the site
     SITE_DIR/site_policy.toml     what the site allows, whatever a run asks (`fedseg site-init`)

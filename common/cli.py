@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.config import RUN_DEFAULTS, STRATEGIES, run_config
+from common.config import RUN_DEFAULTS, STRATEGIES
 
 
 def _run_options(parser: argparse.ArgumentParser) -> None:

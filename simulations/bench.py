@@ -17,7 +17,6 @@ import platform
 from queue import Empty
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import time
 import warnings
 from collections.abc import Iterator
@@ -84,7 +85,8 @@ class PrivacyLedger:
         path.parent.mkdir(parents=True, exist_ok=True)
         ledger = cls(path, [])
         with open(path, "x") as fh:
-            fh.write(json.dumps(ledger._entry("genesis", {"site": site}), sort_keys=True) + "\n")
+            # A random nonce: no two ledgers ever share a genesis hash, so a replaced one is always caught.
+            fh.write(json.dumps(ledger._entry("genesis", {"site": site, "nonce": secrets.token_hex(16)}), sort_keys=True) + "\n")
         path.chmod(0o600)
         return cls.open(path)
 

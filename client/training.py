@@ -107,15 +107,18 @@ def train_round(model: torch.nn.Module, patients: Sequence[Patient], settings: T
         if batch:
             images, masks = _batch([patients[i] for i in batch], slices_per_patient, augment, noise)
             onehot = torch.nn.functional.one_hot(masks.to(device), num_classes).movedim(-1, 2).float()
-            grads, loss = per_patient(params, images.to(device), onehot)
+            if isinstance(optimizer, DPOptimizer):  # one gradient per patient, for Opacus to clip and noise
+                grads, loss = per_patient(params, images.to(device), onehot)
+                for name, p in model.named_parameters():
+                    p.grad_sample = grads[name]
+            else:  # plain SGD on the same objective: one batched backward
+                logits = model(images.to(device).flatten(0, 1)).unflatten(0, images.shape[:2])
+                loss = torch.stack([loss_fn(logits[i], onehot[i]) for i in range(len(batch))])
+                (loss.sum() / expected_batch).backward()
             losses.extend(loss.detach().cpu().tolist())
-        else:  # an empty Poisson batch still takes a (noise-only) step, as the accountant assumes
-            grads = {n: torch.zeros((0, *p.shape), device=device) for n, p in params.items()}
-        for name, p in model.named_parameters():
-            if isinstance(optimizer, DPOptimizer):
-                p.grad_sample = grads[name]
-            else:
-                p.grad = grads[name].sum(0) / expected_batch
+        elif isinstance(optimizer, DPOptimizer):  # an empty Poisson batch still takes a noise-only step
+            for name, p in model.named_parameters():
+                p.grad_sample = torch.zeros((0, *p.shape), device=device)
         optimizer.step()
         if settings.proximal_mu > 0:  # FedProx pull towards the global model: data-independent
             with torch.no_grad():

@@ -138,7 +138,7 @@ def write_report(run_dir: str | Path, site_dirs: Sequence[str] = ()) -> Path:
     target = history_number(config.get("target-epsilon"))
     plots = [
         _line_plot(history, "val_dice", "validation Dice (foreground mean)", "Dice", folder / "dice.png", aggregate="dice"),
-        _line_plot(history, "epsilon", f"privacy spent (δ = {config.get('delta')})", "ε", folder / "epsilon.png", target=target),
+        _line_plot(history, "epsilon", f"patient-level privacy spent (δ requested {config.get('delta')})", "ε", folder / "epsilon.png", target=target),
         _line_plot(history, "noise_multiplier", "DP-SGD noise multiplier (σ) per site", "σ", folder / "noise.png"),
         _durations(history, folder / "durations.png"),
         _participation(history, folder / "participation.png"),

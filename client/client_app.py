@@ -14,11 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client.guard_socket import GuardClient, Handler
+from common.site_reply import reply_content
 
 GuardFor = Callable[[Mapping[str, Any]], Handler]
 
@@ -36,13 +36,7 @@ def relay(guard: Handler, msg: Message, context: Context, op: str) -> Message:
         reply, out = guard.handle(header, arrays)
     except (OSError, ValueError):  # the guard is down or answered nonsense: a code, nothing else
         reply, out = {"status": "error", "code": "guard_unreachable", "metrics": {}}, {}
-    metrics = {k: v for k, v in dict(reply.get("metrics", {})).items() if isinstance(v, (int, float))}
-    content = RecordDict({"metrics": MetricRecord(metrics),
-                          "site": ConfigRecord({"name": str(reply.get("site", "")), "status": str(reply.get("status", "error")),
-                                                "reason": str(reply.get("code", ""))})})
-    if out:
-        content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in out.items()})
-    return Message(content=content, reply_to=msg)
+    return Message(content=reply_content(reply, out), reply_to=msg)
 
 
 def build_client_app(guard_for: GuardFor = socket_guard, mods: list | None = None) -> ClientApp:

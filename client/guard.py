@@ -30,6 +30,7 @@ from common.config import TrainSettings, class_names
 from common.dataset import SiteData, load_site
 from common.model import build_model, pick_device
 from common.parameters import load_arrays, model_arrays
+from common.site_reply import VALIDATE_RECEIVED
 
 log = logging.getLogger("fedseg.guard")
 
@@ -42,7 +43,7 @@ REFUSALS = {
     "noise_below_policy": "the run's noise multiplier is below the site policy's minimum",
     "rounds_over_policy": "the run has more rounds than the site policy allows per run",
     "budget_exhausted": "training would take the site past its ε budget",
-    "validation_limit": "validation not allowed now (once per trained round, plus round 0)",
+    "validation_limit": "validation not allowed now (once per trained round; weights not trained here: a few a day)",
     "data_unusable": "the site's data could not be loaded for this request (detail in the site's log)",
     "internal_error": "the site failed (detail in the site's log)",
 }
@@ -88,7 +89,20 @@ class SiteGuard:
             raise Refusal("data_unusable") from err
 
     def handle(self, header: Mapping[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
-        """One request → (reply header, arrays). Never raises: refusals and failures are codes."""
+        """One request → (reply header, arrays). Never raises: refusals and failures are codes.
+        A train request with `validate-received` first validates the weights it brings (the previous
+        round's global model), saving the round a message; that answer rides along as `validation`."""
+        settings, server_round = header.get("settings"), header.get("round")
+        validation = None
+        if (header.get("op") == "train" and isinstance(settings, Mapping) and settings.get(VALIDATE_RECEIVED) is True
+                and type(server_round) is int and server_round >= 1):
+            validation, _ = self._serve({**header, "op": "validate", "round": server_round - 1}, arrays)
+        reply, out = self._serve(header, arrays)
+        if validation is not None:
+            reply["validation"] = {k: validation[k] for k in ("status", "code", "metrics")}
+        return reply, out
+
+    def _serve(self, header: Mapping[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
         op, run, server_round = header.get("op"), str(header.get("run", ""))[:128], header.get("round")
         try:
             if (op not in ("train", "validate") or type(server_round) is not int or not isinstance(header.get("settings"), Mapping)
@@ -184,6 +198,7 @@ class SiteGuard:
         if not data.validation:
             raise Refusal("data_unusable")
         with self.ledger.locked():
+            trained_here = self._trained(run, server_round)
             if not self._may_validate(run, server_round):
                 raise Refusal("validation_limit")
             started = time.perf_counter()
@@ -191,22 +206,26 @@ class SiteGuard:
             metrics = self._released(measured)
             metrics.update({"num-examples": self.policy.binned(len(data.validation)), "seconds": round(time.perf_counter() - started, 1),
                             "epsilon": self.policy.release(self.ledger.epsilon(self.policy.delta))})
-            self.ledger.append("validate", run=run, round=server_round, unix=time.time(), received_sha256=arrays_sha256(arrays),
-                               metrics=metrics)
+            self.ledger.append("validate", run=run, round=server_round, unix=time.time(), untrained=not trained_here,
+                               received_sha256=arrays_sha256(arrays), metrics=metrics)
         log.info("%s round %d: validation Dice %.3f on %d patients", self.name, server_round, measured["dice"], len(data.validation))
         return {"status": "ok", "code": "", "site": self.name, "metrics": metrics}, {}
 
     def _may_validate(self, run: str, server_round: int) -> bool:
-        """Once per trained round (that training was paid for in ε). Round 0 validates weights no
-        site trained, and the run name comes from the courier, so those are capped site-wide per day."""
-        done = [e for e in self.ledger.entries if e.get("run") == run and e.get("round") == server_round]
-        if sum(e["kind"] == "validate" for e in done) >= self.policy.validations_per_round:
+        """Once per (run, round). Weights this site trained in that round of that run were paid for
+        in ε; any others (round 0, the first round after a resume — the run name comes from the
+        courier) are capped site-wide per day."""
+        done = [e for e in self.ledger.entries if e.get("run") == run and e.get("round") == server_round and e["kind"] == "validate"]
+        if len(done) >= self.policy.validations_per_round:
             return False
-        if server_round > 0:
-            return any(e["kind"] == "train" for e in done)
+        if self._trained(run, server_round):
+            return True
         day_ago = time.time() - 86_400
-        untrained = [e for e in self.ledger.entries if e["kind"] == "validate" and e.get("round") == 0 and e.get("unix", 0) > day_ago]
+        untrained = [e for e in self.ledger.entries if e["kind"] == "validate" and _untrained(e) and e.get("unix", 0) > day_ago]
         return len(untrained) < self.policy.untrained_validations_per_day
+
+    def _trained(self, run: str, server_round: int) -> bool:
+        return any(e["kind"] == "train" and e.get("run") == run and e.get("round") == server_round for e in self.ledger.entries)
 
     def _released(self, measured: Mapping[str, float]) -> dict[str, float]:
         """The metrics the policy lets leave, at its precision."""
@@ -217,6 +236,11 @@ class SiteGuard:
 
     def spent(self) -> float:
         return self.ledger.epsilon(self.policy.delta)
+
+
+def _untrained(entry: Mapping[str, Any]) -> bool:
+    """A validation of weights the site did not train in that run (ledgers before the flag: round 0)."""
+    return bool(entry.get("untrained", entry.get("round") == 0))
 
 
 def open_guard(state: SiteState, name: str, data_dir: str | Path, create_with: Mapping[str, Any] | None = None,

@@ -29,7 +29,7 @@ class SitePolicy:
     validation_fraction: float = 0.25
     validation_key: str = ""  # secret: which patients validate (hex); made at creation
     validations_per_round: int = 1
-    untrained_validations_per_day: int = 4  # round-0 validations (weights nobody here trained), all runs together
+    untrained_validations_per_day: int = 4  # of weights not trained here in that run (round 0, after a resume), all runs together
     metrics: tuple[str, ...] = ("dice", "dice-per-class", "hd95")  # what validation may release
     precision: int = 2  # decimals of every released metric
     example_count_bin: int = 10  # the training example count leaves rounded up to this

@@ -13,6 +13,7 @@ import tomli_w
 
 from common.processes import FlowerProcess, flower_executable, port_open, run_until_stopped
 from server.run_record import run_status
+from server.site_names import add_site_name, read_site_names
 from server.superlink import CONNECTION, ServerFolder
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -45,27 +46,20 @@ def _flwr_json(folder: ServerFolder, args: list[str]) -> dict[str, Any]:
     return reply
 
 
-def _site_names(folder: ServerFolder) -> dict[str, str]:
-    """Flower keeps node ids only; the names the coordinator gave live beside the state database."""
-    path = folder.root / "sites.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def register_site(folder: ServerFolder, public_key: Path, name: str) -> int:
     """Register a site's public key: only SuperNodes holding a registered key may join."""
     _connection(folder)
     if not public_key.is_file():
         raise SystemExit(f"public key {public_key} not found: the site creates it with `fedseg site-key` (site.pub)")
     node_id = str(_flwr_json(folder, ["supernode", "register", str(public_key.resolve()), CONNECTION, "--name", name])["node-id"])
-    names = {**_site_names(folder), node_id: name}
-    (folder.root / "sites.json").write_text(json.dumps(names, indent=1))
+    add_site_name(folder.root, node_id, name)
     print(f"registered site {name} (node {node_id}); it can now connect with its site.key", flush=True)
     return 0
 
 
 def list_sites(folder: ServerFolder) -> int:
     _connection(folder)
-    names = _site_names(folder)
+    names = read_site_names(folder.root)
     nodes = _flwr_json(folder, ["supernode", "list", CONNECTION])["nodes"]
     print(f"{'site':<20} {'node id':<22} {'status':<12} online since")
     for node in nodes:

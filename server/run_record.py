@@ -90,7 +90,7 @@ class RunRecord:
             history = json.loads((run_dir / "history.json").read_text())
         except (OSError, ValueError) as err:
             raise ResumeError(f"cannot resume from {run_dir}: no readable history.json ({err})") from err
-        done = [r["round"] for r in history["rounds"] if "dice" in r]
+        done = [r["round"] for r in history["rounds"] if "checkpoint" in r or "dice" in r]  # "dice": histories before 2026-11-23
         if not done:
             raise ResumeError(f"cannot resume from {run_dir}: no round was completed")
         last = max(done)
@@ -119,17 +119,22 @@ class RunRecord:
         return self.round(server_round)["sites"].setdefault(site, {})
 
     def save_checkpoint(self, server_round: int, arrays: ArrayRecord, strategy_state: dict[str, Any]) -> Path:
+        """The round's global model; from here on the round survives a crash (its validation rides
+        in the next round's train message). A round's duration ends here."""
         state = {"state_dict": arrays.to_torch_state_dict(), "round": server_round, "config": self.config,
                  "strategy_state": strategy_state}
         path = self.dir / "checkpoints" / f"global_model-round{server_round:03d}.pt"
         _atomic_write(path, lambda fh: torch.save(state, fh), mode="wb")
         _atomic_write(self.dir / "global_model.pt", lambda fh: torch.save(state, fh), mode="wb")
+        entry = self.round(server_round)
+        entry["checkpoint"] = path.name
+        if server_round > 0:
+            entry["duration_s"] = time.time() - entry["started"]
+        self.write_history()
         return path
 
     def close_round(self, server_round: int, dice: float) -> None:
-        entry = self.round(server_round)
-        entry["dice"] = dice
-        entry["duration_s"] = time.time() - entry["started"]
+        self.round(server_round)["dice"] = dice
         self.write_history()
 
     def write_history(self) -> None:

@@ -15,7 +15,9 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import class_names, run_config
 from common.model import build_model
 from common.parameters import to_arrays
+from common.site_reply import VALIDATE_RECEIVED
 from server.run_record import RunRecord
+from server.site_names import read_site_names
 from server.strategy import FederationStrategy, build_strategy
 
 # Sent to sites each round; the rest of the run config is the server's business.
@@ -57,11 +59,15 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None, pol
 
 def _train(grid: Grid, strategy: FederationStrategy, server_round: int, arrays: ArrayRecord, site_config: ConfigRecord,
            config: dict[str, Any], progress: Callable[[str], None]) -> ArrayRecord:
-    """One round's training; retried while fewer than `min-sites` usable updates came back."""
+    """One round's training; retried while fewer than `min-sites` usable updates came back. The
+    first attempt also has the sites validate `arrays`, closing the previous round in one message."""
     needed, timeout, retries = int(config["min-sites"]), float(config["round-timeout"]), int(config["round-retries"])
     for attempt in range(retries + 1):
         if wait_for_sites(grid, needed, timeout, progress) >= needed:
-            replies = exchange(grid, strategy.configure_train(server_round, arrays, ConfigRecord(dict(site_config)), grid), timeout)
+            validate = "dice" not in strategy.record.round(server_round - 1)
+            messages = strategy.configure_train(server_round, arrays, ConfigRecord({**dict(site_config), VALIDATE_RECEIVED: validate}), grid)
+            progress(f"round {server_round}: training at {len(messages)} sites" + (f" (and validating round {server_round - 1}'s global model)" if validate else ""))
+            replies = exchange(grid, messages, timeout)
             aggregated, _ = strategy.aggregate_train(server_round, replies)
             if aggregated is not None:
                 return aggregated
@@ -83,9 +89,11 @@ def _validate(grid: Grid, strategy: FederationStrategy, server_round: int, array
         strategy.aggregate_evaluate(server_round, [])
 
 
-def run_federation(grid: Grid, config: dict[str, Any], progress: Callable[[str], None] = print) -> RunRecord:
-    """Round 0 measures the untrained model, then `num-server-rounds` rounds of train + validate;
-    with `resume`, continues the run in `run-dir` after its last completed round."""
+def run_federation(grid: Grid, config: dict[str, Any], progress: Callable[[str], None] = print,
+                   registered: Mapping[str, str] | None = None) -> RunRecord:
+    """`num-server-rounds` rounds, each one message per site: validate the global model received
+    (round 0: the untrained one), then train on it; a last message validates the final model.
+    With `resume`, continues the run in `run-dir` after its last saved global model."""
     run_dir = Path(config["run-dir"] or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     if config["resume"]:
         record, checkpoint, done = RunRecord.resume(run_dir, config)
@@ -98,19 +106,21 @@ def run_federation(grid: Grid, config: dict[str, Any], progress: Callable[[str],
         torch.manual_seed(int(config["seed"]))
         arrays = to_arrays(build_model(len(class_names(config))))
     config = record.config
-    strategy = FederationStrategy(build_strategy(config), record, progress)
+    strategy = FederationStrategy(build_strategy(config), record, progress, registered)
     strategy.load_state(checkpoint["strategy_state"])
     site_config = ConfigRecord({k: config[k] for k in SITE_KEYS})
     timeout = float(config["round-timeout"])
     if done < 0:
         record.save_checkpoint(0, arrays, strategy.state())
-        progress(f"round 0: validating the initial model at every site (run folder {run_dir})")
-        _validate(grid, strategy, 0, arrays, site_config, timeout, progress)
+        progress(f"round 0: the initial model, validated with round 1's training (run folder {run_dir})")
         done = 0
     try:
         for server_round in range(done + 1, int(config["num-server-rounds"]) + 1):
             arrays = _train(grid, strategy, server_round, arrays, site_config, config, progress)
-            _validate(grid, strategy, server_round, arrays, site_config, timeout, progress)
+        last = int(config["num-server-rounds"])
+        if "dice" not in record.round(last):
+            progress(f"round {last}: validating the final global model at every site")
+            _validate(grid, strategy, last, arrays, site_config, timeout, progress)
     except RunStopped as stop:
         record.event(str(stop))
         record.finish("stopped")
@@ -122,13 +132,15 @@ def run_federation(grid: Grid, config: dict[str, Any], progress: Callable[[str],
     return record
 
 
-def build_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
-    """A ServerApp reading the Flower run config, with `overrides` (from `fedseg simulate`) on top."""
+def build_server_app(overrides: Mapping[str, Any] | None = None, server_folder: Path | None = Path(".")) -> ServerApp:
+    """A ServerApp reading the Flower run config, with `overrides` (from `fedseg simulate`) on top;
+    replies are named by the sites registered in `server_folder` (None: by their own names)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, run_config({**dict(context.run_config), **dict(overrides or {})}))
+        registered = read_site_names(server_folder) if server_folder is not None else {}
+        run_federation(grid, run_config({**dict(context.run_config), **dict(overrides or {})}), registered=registered)
 
     return app
 

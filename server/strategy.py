@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
 from common.array_codec import arrays_sha256
+from common.site_reply import VALIDATE_RECEIVED, SiteReply, received_validation
 from server.run_record import RunRecord
 from server.update_check import screen_updates
 
@@ -66,13 +67,18 @@ def message_bytes(msg: Message) -> int:
 class FederationStrategy(Strategy):
     """Delegates the maths to a Flower strategy; records, screens and checkpoints around it."""
 
-    def __init__(self, inner: Strategy, record: RunRecord, progress=print) -> None:
+    def __init__(self, inner: Strategy, record: RunRecord, progress=print, registered: Mapping[str, str] | None = None) -> None:
+        """`registered`: node id → site name, as the coordinator registered the sites' keys; replies
+        are named by it. Without it (a simulation) a reply's own name is used."""
         self.inner, self.record, self.progress = inner, record, progress
+        self.registered = dict(registered or {})
+        record.site_nodes.update(self.registered)
         self.weight_key = str(getattr(inner, "weighted_by_key", "num-examples"))  # what Flower's averages weigh by
         self.min_sites = int(record.config["min-sites"])
         self.max_norm_ratio = float(record.config["max-update-norm-ratio"])
         self.sent: dict[str, np.ndarray] = {}
         self.asked: list[Message] = []
+        self.validating = False
 
     def summary(self) -> None:
         self.inner.summary()
@@ -87,8 +93,11 @@ class FederationStrategy(Strategy):
             setattr(self.inner, key, {n: t.numpy() for n, t in arrays.items()})
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """With `validate-received` in `config`, each site first validates `arrays` (the previous
+        round's global model) in the same message; `aggregate_train` then closes that round too."""
         self.record.round(server_round)  # starts the round's clock
         self.sent = {k: v.numpy() for k, v in arrays.items()}
+        self.validating = bool(config.get(VALIDATE_RECEIVED, False))
         return self._remember(server_round, "train", self.inner.configure_train(server_round, arrays, config, grid))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -111,26 +120,37 @@ class FederationStrategy(Strategy):
             node = destination.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             answered.add(node)
             if msg.has_error():
-                self._failed(server_round, node, f"{stage}_failed", msg.error.reason)
+                self._failed(server_round, node, stage, "failed", msg.error.reason)
                 continue
-            site = msg.content.config_records.get("site", ConfigRecord())
-            name = str(site.get("name", f"node-{node}"))
+            reply = SiteReply.read(msg, f"node-{node}")
+            name = self.registered.get(str(node), f"node-{node}") if self.registered else reply.name
             self.record.site_nodes[str(node)] = name
-            self.record.site(server_round, name)[f"{stage}_reply_bytes"] = message_bytes(msg)
-            yield msg, name, str(site.get("status", "ok")), str(site.get("reason", "")), msg.content.metric_records.get("metrics", MetricRecord())
+            if stage != "validation":  # a validation inside a train reply is not a message of its own
+                self.record.site(server_round, name)[f"{stage}_reply_bytes"] = message_bytes(msg)
+            yield msg, name, reply.status, reply.reason, reply.metrics
         for node in destination.values():
             if node not in answered:
-                self._failed(server_round, node, "no_reply", f"no {stage} reply within the round timeout ({self.record.config['round-timeout']:g} s)")
+                self._failed(server_round, node, stage, "no_reply", f"no {stage} reply within the round timeout ({self.record.config['round-timeout']:g} s)")
 
-    def _failed(self, server_round: int, node: int, status: str, reason: str) -> None:
+    def _failed(self, server_round: int, node: int, stage: str, what: str, reason: str) -> None:
         name = self.record.site_nodes.get(str(node), f"node-{node}")
         reason = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", reason).split())  # Ray wraps a site's exception in colour codes
         reason = reason.rsplit("Message: ", 1)[-1].rstrip("'>")[:300]
-        self.record.site(server_round, name).update(status=status, reason=reason)
+        status = f"{stage}_failed" if what == "failed" else what
+        entry = self.record.site(server_round, name)
+        if stage == "train" or entry.get("status", "ok") == "ok":  # a validation problem never hides the round's training problem
+            entry.update(status=status, reason=reason)
         self.progress(f"  round {server_round} {name}: {status.replace('_', ' ')}: {reason}")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregates the usable updates, or returns (None, None) when fewer than `min-sites` are."""
+        """Aggregates the usable updates, or returns (None, None) when fewer than `min-sites` are.
+        Closes the previous round first when the sites validated its global model in these replies."""
+        replies = list(replies)
+        if self.validating:
+            requests = {m.metadata.message_id: m for m in self.asked}
+            self.aggregate_evaluate(server_round - 1, [received_validation(r, requests[r.metadata.reply_to_message_id])
+                                                       for r in replies if r.metadata.reply_to_message_id in requests],
+                                    stage="validation")
         trained: dict[str, Message] = {}
         for msg, name, status, reason, m in self._site_replies(server_round, replies, "train"):
             entry = self.record.site(server_round, name)
@@ -163,11 +183,11 @@ class FederationStrategy(Strategy):
             self.record.save_checkpoint(server_round, arrays, self.state())
         return arrays, metrics
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message], stage: str = "evaluate") -> MetricRecord | None:
         """Records each site's validation (absent metrics as NaN); averages the replies that carry a
         Dice and a count to weigh it by, so one minimal or refusing site cannot stop the round."""
         valid = []
-        for msg, name, status, reason, m in self._site_replies(server_round, replies, "evaluate"):
+        for msg, name, status, reason, m in self._site_replies(server_round, replies, stage):
             entry = self.record.site(server_round, name)
             entry.update(val_dice=metric(m, "dice"), val_iou=metric(m, "iou"), val_hd95_mm=metric(m, "hd95"),
                          val_slices=count(m, self.weight_key), epsilon=metric(m, "epsilon"), val_seconds=metric(m, "seconds"),

@@ -217,15 +217,23 @@ def dp_cost(plan: Plan, site_dir: str) -> dict[str, Any]:
 
 
 def round_overhead(history: dict) -> dict[str, Any]:
-    """Round wall time ÷ the slowest site's own compute (training + validation) in that round."""
-    ratios = []
-    for r in history["rounds"]:
-        compute = [history_number(s.get("train_seconds")) + history_number(s.get("val_seconds")) for s in r["sites"].values()]
+    """Round wall time ÷ the slowest site's own compute in that round's one message: its training
+    and its validation of the weights it received (recorded under the previous round)."""
+    rounds, ratios = {r["round"]: r for r in history["rounds"]}, []
+    for number, r in rounds.items():
+        received = rounds.get(number - 1, {"sites": {}})["sites"]
+        compute = [history_number(s.get("train_seconds")) + _or_zero(received.get(name, {}).get("val_seconds"))
+                   for name, s in r["sites"].items()]
         compute = [c for c in compute if math.isfinite(c)]
-        if r["round"] > 0 and compute and "duration_s" in r:
-            ratios.append({"round": r["round"], "round_s": r["duration_s"], "slowest_site_compute_s": max(compute),
+        if number > 0 and compute and "duration_s" in r:
+            ratios.append({"round": number, "round_s": r["duration_s"], "slowest_site_compute_s": max(compute),
                            "ratio": r["duration_s"] / max(compute)})
     return {"rounds": ratios, "mean_ratio": _mean([x["ratio"] for x in ratios])}
+
+
+def _or_zero(value: Any) -> float:
+    number = history_number(value)
+    return number if math.isfinite(number) else 0.0
 
 
 def communication(history: dict) -> dict[str, Any]:

@@ -78,7 +78,7 @@ def run_simulation(sites: list[str], run_dir: Path, overrides: dict[str, Any], s
                "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
     started = time.time()
     flower_run_simulation(
-        server_app=build_server_app({**overrides, "run-dir": str(run_dir)}),
+        server_app=build_server_app({**overrides, "run-dir": str(run_dir)}, server_folder=None),
         client_app=build_client_app(simulated_guards(sites, state_root), [fault_mod(faults)] if faults else None),
         num_supernodes=len(sites),
         backend_config=backend,

@@ -25,6 +25,7 @@ from common.array_codec import arrays_sha256
 from common.config import run_config
 from common.model import build_model
 from common.parameters import model_arrays
+from common.site_reply import VALIDATE_RECEIVED
 from server.server_app import SITE_KEYS
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -37,9 +38,9 @@ def _guard(root: Path, data: Path, **policy):
     return guard
 
 
-def _request(server_round: int, **overrides) -> dict:
+def _request(server_round: int, validate_received: bool = False, **overrides) -> dict:
     cfg = run_config({**SETTINGS, **overrides})
-    return {**{k: cfg[k] for k in SITE_KEYS}, "server-round": server_round}
+    return {**{k: cfg[k] for k in SITE_KEYS}, "server-round": server_round, VALIDATE_RECEIVED: validate_received}
 
 
 def _message(kind: str, server_round: int, weights: dict | None = None, **overrides) -> Message:
@@ -50,6 +51,8 @@ def _message(kind: str, server_round: int, weights: dict | None = None, **overri
 
 
 def _call(guard, kind: str, server_round: int = 1, run: int = 1, weights: dict | None = None, **overrides) -> Message:
+    """The courier's handling of one message from the coordinator (`validate_received=True`: a
+    train message that also validates the weights it brings)."""
     context = Context(run_id=run, node_id=7, state=RecordDict(), run_config={}, node_config={"partition-id": 0})
     return build_client_app(lambda _: guard)(_message(kind, server_round, weights, **overrides), context)
 
@@ -73,6 +76,27 @@ def test_reply_carries_only_model_shaped_arrays_and_rounded_scalars(tiny_site, t
         assert set(reply.content) <= {"arrays", "metrics", "site"}
     released = _call(guard, MessageType.TRAIN, 2).content["metrics"]
     assert "steps" not in released and "train-loss" not in released  # steps reveal N; the loss is outside ε
+
+
+def test_one_message_validates_the_weights_it_brings_then_trains_on_them(tiny_site, tmp_path):
+    guard = _guard(tmp_path, tiny_site)
+    first = _call(guard, MessageType.TRAIN, 1, validate_received=True)
+    assert first.content["site"]["status"] == "ok" and "arrays" in first.content
+    assert first.content["validation-site"]["status"] == "ok" and 0 <= first.content["validation-metrics"]["dice"] <= 1
+    second = _call(guard, MessageType.TRAIN, 2, weights=_weights(first), validate_received=True)
+    assert second.content["validation-site"]["status"] == "ok"
+    kinds = [(e["kind"], e["round"], e.get("untrained")) for e in guard.ledger.entries if e["kind"] != "genesis"]
+    # round 0's weights were nobody's here (the daily cap counts them); round 1's were trained here
+    assert kinds == [("validate", 0, True), ("train", 1, None), ("validate", 1, False), ("train", 2, None)]
+    assert guard.ledger.entries[3]["received_sha256"] == arrays_sha256(_weights(first))
+    # a retried round asks again: the validation is refused (once per round), the training is served
+    retry = _call(guard, MessageType.TRAIN, 2, weights=_weights(first), validate_received=True)
+    assert (retry.content["validation-site"]["status"], retry.content["validation-site"]["reason"]) == ("refused", "validation_limit")
+    assert retry.content["site"]["status"] == "ok" and not dict(retry.content["validation-metrics"])
+    # a training refusal does not take the validation down with it
+    refused = _call(guard, MessageType.TRAIN, 3, weights=_weights(second), validate_received=True, delta=0.5)
+    assert refused.content["site"]["reason"] == "delta_above_policy" and "arrays" not in refused.content
+    assert refused.content["validation-site"]["reason"] == "delta_above_policy"  # the same δ, asked of the validation
 
 
 def test_patient_level_epsilon_is_opacus_rdp_over_patient_sampling_and_survives_a_new_run(tiny_site, tmp_path):
@@ -119,7 +143,6 @@ def test_hostile_requests_are_refused_with_codes_and_spend_nothing(tiny_site, tm
         "class_not_in_policy": dict(kind=MessageType.TRAIN, classes="organ,brain"),
         "non_private_not_allowed": dict(kind=MessageType.TRAIN, **{"target-epsilon": math.inf}),
         "rounds_over_policy": dict(kind=MessageType.TRAIN, **{"num-server-rounds": 1000}),
-        "validation_limit": dict(kind=MessageType.EVALUATE, server_round=5),  # a round that never trained
     }
     for code, request in attempts.items():
         kind = request.pop("kind")
@@ -128,12 +151,14 @@ def test_hostile_requests_are_refused_with_codes_and_spend_nothing(tiny_site, tm
         assert "arrays" not in reply.content and not dict(reply.content["metrics"])
     assert guard.spent() == 0.0 and not guard.ledger.history  # nothing spent, nothing released
     assert [e["code"] for e in guard.ledger.entries if e["kind"] == "refusal"] == list(attempts)
-    # one validation per round: the second query of round 0 in the same run is refused
+    # one validation per (run, round): the second query of round 0 in the same run is refused
     assert _call(guard, MessageType.EVALUATE, 0).content["site"]["status"] == "ok"
     assert _call(guard, MessageType.EVALUATE, 0).content["site"]["reason"] == "validation_limit"
-    # round 0 (weights nobody here trained) under ever new run names: capped per day, site-wide
-    untrained = [_call(guard, MessageType.EVALUATE, 0, run=100 + i).content["site"]["reason"] for i in range(5)]
+    # weights this site did not train in that run (round 0, or a round the run never trained here, as
+    # after a resume) under ever new run names: capped per day, site-wide
+    untrained = [_call(guard, MessageType.EVALUATE, 5 * (i % 2), run=100 + i).content["site"]["reason"] for i in range(5)]
     assert untrained == ["", "", "", "validation_limit", "validation_limit"]  # 1 above + 3 = the policy's 4 a day
+    assert [e["code"] for e in guard.ledger.entries if e["kind"] == "refusal"][-3:] == ["validation_limit"] * 3
     # values no run needs, which would hang the accountant or burn budget for nothing
     for absurd in ({"noise-multiplier": float("nan")}, {"noise-multiplier": 1e6}, {"target-epsilon": -1.0},
                    {"target-epsilon": 1e-9}, {"batch-size": 0}, {"max-grad-norm": 0.0}, {"local-epochs": 10**6}):

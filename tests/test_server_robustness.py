@@ -12,6 +12,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 from common.config import run_config
+from common.site_reply import reply_content
 from server.run_record import ResumeError, RunRecord, run_status
 from server.strategy import FederationStrategy, build_strategy
 from server.update_check import screen_updates
@@ -86,6 +87,42 @@ def test_a_round_survives_bad_sites_with_every_aggregator(tmp_path, strategy):
         "a": "ok", "b": "ok", "c": "ok", "nan": "rejected", "broke": "budget_exhausted", "node-6": "train_failed", "node-7": "no_reply"}
     assert "Node unavailable" in sites["node-6"]["reason"] and "round timeout" in sites["node-7"]["reason"]
     assert (tmp_path / "checkpoints" / "global_model-round001.pt").is_file()
+
+
+def test_a_train_reply_closes_the_previous_round_with_the_validation_it_carries(tmp_path):
+    """One message per site and round: the courier's reply (built by the shared protocol) carries the
+    validation of the weights it was sent; the server closes the previous round from it."""
+    record = RunRecord(tmp_path, run_config({"min-sites": 1, "run-dir": str(tmp_path)}))
+    fed = FederationStrategy(build_strategy(record.config), record, progress=lambda _: None)
+    fed.sent, fed.asked, fed.validating = dict(GLOBAL), [_ask(1), _ask(2), _ask(3)], True
+    trained = {"status": "ok", "code": "", "metrics": {"num-examples": 10, "epsilon": 1.0, "noise-multiplier": 1.0}}
+    weights = {k: v + 0.01 for k, v in GLOBAL.items()}
+    replies = [Message(content=reply_content({**trained, "site": "a", "validation": {"status": "ok", "code": "", "metrics": {"dice": 0.4, "num-examples": 10}}}, weights),
+                       reply_to=fed.asked[0]),
+               Message(content=reply_content({**trained, "site": "b", "validation": {"status": "refused", "code": "validation_limit", "metrics": {}}}, weights),
+                       reply_to=fed.asked[1]),
+               Message(Error(code=0, reason="the site crashed"), reply_to=fed.asked[2])]
+    arrays, _ = fed.aggregate_train(1, replies)
+    assert arrays is not None and record.round(0)["dice"] == pytest.approx(0.4)
+    before = record.round(0)["sites"]
+    assert (before["a"]["status"], before["a"]["val_dice"]) == ("ok", 0.4)
+    assert (before["b"]["status"], before["b"]["reason"]) == ("refused", "validation_limit")
+    assert before["node-3"]["status"] == "validation_failed"
+    assert {n: s["status"] for n, s in record.round(1)["sites"].items()} == {"a": "ok", "b": "ok", "node-3": "train_failed"}
+    assert "dice" not in record.round(1) and record.round(1)["checkpoint"] == "global_model-round001.pt"
+
+
+def test_replies_are_named_by_the_registered_node_not_by_the_name_they_claim(tmp_path):
+    record = RunRecord(tmp_path, run_config({"min-sites": 1, "run-dir": str(tmp_path)}))
+    fed = FederationStrategy(build_strategy(record.config), record, progress=lambda _: None,
+                             registered={"1": "hospital-a", "2": "hospital-b", "3": "hospital-c"})
+    fed.sent, fed.asked = dict(GLOBAL), [_ask(1), _ask(2), _ask(3)]
+    # hospital-b claims to be hospital-a, to replace its update and history entry; hospital-c dies unheard
+    dead = Message(Error(code=5, reason="Node unavailable"), reply_to=fed.asked[2])
+    fed.aggregate_train(1, [_reply(1, "hospital-a", _arrays(0.01)), _reply(2, "hospital-a", _arrays(0.012)), dead])
+    sites = record.round(1)["sites"]
+    assert {n: s["status"] for n, s in sites.items()} == {"hospital-a": "ok", "hospital-b": "ok", "hospital-c": "train_failed"}
+    assert sites["hospital-a"]["update_sha256"] != sites["hospital-b"]["update_sha256"]
 
 
 def test_too_few_usable_updates_are_never_aggregated(tmp_path):

@@ -22,9 +22,10 @@ ATTACKS = {
     "noise": ("train", 1, {"noise-multiplier": 0.01}),
     "classes": ("train", 1, {"classes": "organ,lesion,brain"}),
     "no-dp": ("train", 1, {"target-epsilon": float("inf")}),
-    "validate-untrained-round": ("validate", 7, {}),
     "validate-round-0": ("validate", 0, {}),
     "validate-round-0-again": ("validate", 0, {}),
+    # a query interface: validations of weights the site never trained in this run, again and again
+    **{f"validate-untrained-{r}": ("validate", r, {}) for r in range(1, 7)},
 }
 
 

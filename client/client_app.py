@@ -18,7 +18,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client.guard_socket import GuardClient, Handler
-from common.site_reply import reply_content
+from common.site_reply import reply_content, weights_of
 
 GuardFor = Callable[[Mapping[str, Any]], Handler]
 
@@ -31,7 +31,10 @@ def relay(guard: Handler, msg: Message, context: Context, op: str) -> Message:
     """The message's weights and config to the guard; its answer back as a Flower reply."""
     config = dict(msg.content["config"]) if "config" in msg.content.config_records else {}
     header = {"op": op, "run": str(context.run_id), "round": int(config.get("server-round", 0)), "settings": config}
-    arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()} if "arrays" in msg.content.array_records else {}
+    try:
+        arrays = weights_of(msg.content)
+    except ValueError:  # weights that do not unpack: the guard refuses them as not fitting its model
+        arrays = {}
     try:
         reply, out = guard.handle(header, arrays)
     except (OSError, ValueError):  # the guard is down or answered nonsense: a code, nothing else

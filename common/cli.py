@@ -312,10 +312,15 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from simulations.bench import run_bench
+    from simulations.bench import run_bench, run_deployment_bench
 
     plan = "quick" if args.quick else "full"
-    out = Path(args.out or Path("results") / f"bench-{plan}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(args.out or Path("results") / f"bench-{'deployment' if args.deployment_only else plan}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.deployment_only:
+        run_deployment_bench(plan, out, Path(args.cache_dir))
+        print((out / "table.md").read_text())
+        print(f"results: {out} (results.json, table.md; each run's server, site and run logs)")
+        return 0
     run_bench(plan, out, Path(args.cache_dir), deployment=not args.quick)
     print((out / "table.md").read_text())
     print(f"results: {out} (results.json, table.md, dice_vs_round.png, dice_vs_epsilon.png, cost.png; runs/ and logs/)")
@@ -427,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="researcher: utility (pooled, local, federated, DP) and cost, measured side by side")
     bench.add_argument("--quick", action="store_true", help="a few minutes, tiny data: checks that every benchmark runs")
+    bench.add_argument("--deployment-only", action="store_true",
+                       help="only the real-process deployment row, 3 times: round wall time vs the sites' compute (~8 min)")
     bench.add_argument("--out", help="results folder (default results/bench-<plan>-<time>)")
     bench.add_argument("--cache-dir", default=os.environ.get("FEDSEG_CACHE", str(Path.home() / ".cache" / "fedseg")))
     bench.set_defaults(func=_bench)

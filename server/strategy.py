@@ -18,7 +18,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
 from common.array_codec import arrays_sha256
-from common.site_reply import VALIDATE_RECEIVED, SiteReply, received_validation
+from common.site_reply import VALIDATE_RECEIVED, SiteReply, pack, received_validation, weights_of
 from server.run_record import RunRecord
 from server.update_check import screen_updates
 
@@ -98,14 +98,19 @@ class FederationStrategy(Strategy):
         self.record.round(server_round)  # starts the round's clock
         self.sent = {k: v.numpy() for k, v in arrays.items()}
         self.validating = bool(config.get(VALIDATE_RECEIVED, False))
-        return self._remember(server_round, "train", self.inner.configure_train(server_round, arrays, config, grid))
+        return self._remember(server_round, "train", self.inner.configure_train(server_round, arrays, config, grid), self.sent)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.record.round(server_round)  # round 0 has no training: its clock starts here
-        return self._remember(server_round, "evaluate", self.inner.configure_evaluate(server_round, arrays, config, grid))
+        return self._remember(server_round, "evaluate", self.inner.configure_evaluate(server_round, arrays, config, grid),
+                              {k: v.numpy() for k, v in arrays.items()})
 
-    def _remember(self, server_round: int, stage: str, messages: Iterable[Message]) -> list[Message]:
+    def _remember(self, server_round: int, stage: str, messages: Iterable[Message], weights: dict[str, np.ndarray]) -> list[Message]:
+        """The messages, with the weights packed (one vector: see `common.site_reply`)."""
         self.asked = list(messages)  # the Grid gives each its message id when it sends them
+        packed = pack(weights)
+        for msg in self.asked:
+            msg.content["arrays"], msg.content["layout"] = packed
         if self.asked:
             self.record.round(server_round)[f"{stage}_bytes_to_each_site"] = message_bytes(self.asked[0])
         return self.asked
@@ -162,8 +167,14 @@ class FederationStrategy(Strategy):
             elif "arrays" not in msg.content.array_records or entry["examples"] <= 0:
                 entry.update(status="rejected", reason="reply has no weights or no training examples")
             else:
+                try:
+                    weights = weights_of(msg.content)
+                except ValueError as err:
+                    entry.update(status="rejected", reason=str(err))
+                    continue
+                msg.content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
                 # The digest the site's audit log names for this release: a privacy officer can match them.
-                entry["update_sha256"] = arrays_sha256({k: a.numpy() for k, a in msg.content["arrays"].items()})
+                entry["update_sha256"] = arrays_sha256(weights)
                 trained[name] = msg
         rejected = screen_updates({n: m.content["arrays"] for n, m in trained.items()}, self.sent, self.max_norm_ratio)
         for name, reason in rejected.items():

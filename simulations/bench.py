@@ -325,6 +325,31 @@ def deployment_overhead(plan: Plan, out: Path, site_dirs: list[str]) -> dict[str
                 proc.kill()
 
 
+def run_deployment_bench(plan_name: str, out: Path, cache: Path, repeats: int = 3, progress=print) -> dict[str, Any]:
+    """Only the plan's deployment row, `repeats` times (a fresh server and fresh sites each time):
+    round wall time ÷ the slowest site's compute, with its spread."""
+    from simulations.federation import build_federation
+    from simulations.simulate import site_folders
+
+    plan = PLANS[plan_name]
+    out.mkdir(parents=True, exist_ok=True)
+    sites = site_folders(build_federation(cache, plan.sites, plan.seed, plan.size, progress=progress))
+    runs = []
+    for repeat in range(repeats):
+        progress(f"deployment run {repeat + 1} of {repeats}: real server and site processes ...")
+        runs.append(deployment_overhead(plan, out / f"run-{repeat + 1}", sites))
+    ratios = [x["ratio"] for run in runs for x in run["rounds"]]
+    results = {"plan": plan_name, **asdict(plan), "date": time.strftime("%Y-%m-%d"), "command": "fedseg bench --deployment-only",
+               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}", "runs": runs,
+               "mean_ratio": _mean(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios)}
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    rows = [f"| {i + 1} | {run['wall_s']:.0f} s | **{run['mean_ratio']:.2f}x** ({_per_round(run)}) |" for i, run in enumerate(runs)]
+    (out / "table.md").write_text("\n".join(["| run | wall time | round wall time / slowest site's compute |", "|---:|---:|---|", *rows, "",
+                                             f"mean {results['mean_ratio']:.2f}x, range {results['min_ratio']:.2f}–{results['max_ratio']:.2f}x "
+                                             f"over {len(ratios)} rounds"]) + "\n")
+    return results
+
+
 def run_bench(plan_name: str, out: Path, cache: Path, deployment: bool, progress=print) -> dict[str, Any]:
     """Every benchmark of the plan; results.json, table.md and plots in `out`."""
     from simulations.federation import build_federation

@@ -7,7 +7,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MessageType
+from flwr.app import Context, Message, MessageType
+
+from common.site_reply import weights_content, weights_of
 
 FAULTS = ("crash", "nan", "shape", "scale")
 Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
@@ -25,16 +27,16 @@ def parse_faults(specs: Sequence[str]) -> dict[int, list[str]]:
     return faults
 
 
-def _corrupt(kind: str, sent: ArrayRecord, trained: ArrayRecord) -> ArrayRecord:
-    state = {k: a.numpy() for k, a in trained.items()}
+def _corrupt(kind: str, sent: dict[str, np.ndarray], trained: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    state = dict(trained)
     first = next(iter(state))
     if kind == "nan":
         state[first] = np.full_like(state[first], np.nan)
     elif kind == "shape":
         state[first] = state[first][:-1]
     elif kind == "scale":
-        state = {k: sent[k].numpy() + 100.0 * (v - sent[k].numpy()) for k, v in state.items()}
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+        state = {k: sent[k] + 100.0 * (v - sent[k]) for k, v in state.items()}
+    return state
 
 
 def fault_mod(faults: dict[int, list[str]]) -> Mod:
@@ -48,6 +50,6 @@ def fault_mod(faults: dict[int, list[str]]) -> Mod:
             raise RuntimeError("injected fault: the site crashed during training")
         reply = call_next(msg, context)
         if not reply.has_error() and "arrays" in reply.content.array_records:
-            reply.content["arrays"] = _corrupt(kind, msg.content["arrays"], reply.content["arrays"])
+            weights_content(reply.content, _corrupt(kind, weights_of(msg.content), weights_of(reply.content)))
         return reply
     return mod

@@ -25,7 +25,7 @@ from common.array_codec import arrays_sha256
 from common.config import run_config
 from common.model import build_model
 from common.parameters import model_arrays
-from common.site_reply import VALIDATE_RECEIVED
+from common.site_reply import VALIDATE_RECEIVED, weights_content, weights_of
 from server.server_app import SITE_KEYS
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -44,10 +44,9 @@ def _request(server_round: int, validate_received: bool = False, **overrides) ->
 
 
 def _message(kind: str, server_round: int, weights: dict | None = None, **overrides) -> Message:
-    weights = weights or model_arrays(build_model(3))
-    arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
-    return Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(_request(server_round, **overrides))}),
-                   dst_node_id=7, message_type=kind)
+    content = RecordDict({"config": ConfigRecord(_request(server_round, **overrides))})
+    weights_content(content, weights or model_arrays(build_model(3)))
+    return Message(content=content, dst_node_id=7, message_type=kind)
 
 
 def _call(guard, kind: str, server_round: int = 1, run: int = 1, weights: dict | None = None, **overrides) -> Message:
@@ -58,7 +57,7 @@ def _call(guard, kind: str, server_round: int = 1, run: int = 1, weights: dict |
 
 
 def _weights(reply: Message) -> dict:
-    return {k: a.numpy() for k, a in reply.content["arrays"].items()}
+    return weights_of(reply.content)
 
 
 def test_reply_carries_only_model_shaped_arrays_and_rounded_scalars(tiny_site, tmp_path):
@@ -67,13 +66,14 @@ def test_reply_carries_only_model_shaped_arrays_and_rounded_scalars(tiny_site, t
     for kind in (MessageType.TRAIN, MessageType.EVALUATE):
         reply = _call(guard, kind)
         assert reply.content["site"]["status"] == "ok", reply.content["site"]
-        for record in reply.content.array_records.values():
-            assert {k: tuple(a.shape) for k, a in record.items()} == model_shapes
+        if kind == MessageType.TRAIN:
+            assert {k: tuple(a.shape) for k, a in _weights(reply).items()} == model_shapes
+        assert set(reply.content.array_records) <= {"arrays"}
         metrics = reply.content["metrics"]
         assert all(isinstance(v, (int, float)) and (not math.isfinite(v) or round(v, 2) == v) for v in metrics.values())
         assert metrics["num-examples"] % 10 == 0  # binned, not the exact patient count
         assert set(reply.content["site"]) == {"name", "status", "reason"}
-        assert set(reply.content) <= {"arrays", "metrics", "site"}
+        assert set(reply.content) <= {"arrays", "layout", "metrics", "site"}
     released = _call(guard, MessageType.TRAIN, 2).content["metrics"]
     assert "steps" not in released and "train-loss" not in released  # steps reveal N; the loss is outside ε
 
@@ -333,11 +333,11 @@ def test_server_records_a_refusing_site_and_aggregates_the_others(tiny_site, tmp
     refused.content["site"]["name"] = "south"
     record = RunRecord(tmp_path / "run", run_config({"min-sites": 1}))
     strategy = FederationStrategy(FedAvg(min_train_nodes=1), record, progress=lambda _: None)
-    strategy.sent = {k: v.numpy() for k, v in ok.content["arrays"].items()}
+    strategy.sent = released = _weights(ok)
     arrays, _ = strategy.aggregate_train(1, [ok, refused])
     aggregated = arrays.to_torch_state_dict()
-    for key, value in ok.content["arrays"].to_torch_state_dict().items():
-        assert torch.allclose(aggregated[key], value)
+    for key, value in released.items():
+        assert torch.allclose(aggregated[key], torch.from_numpy(value))
     sites = record.round(1)["sites"]
     assert sites["north"]["status"] == "ok" and sites["south"]["status"] == "refused"
     assert sites["south"]["reason"] == "budget_exhausted"

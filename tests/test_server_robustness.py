@@ -12,7 +12,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 from common.config import run_config
-from common.site_reply import reply_content
+from common.site_reply import pack, reply_content, unpack, weights_content
 from server.run_record import ResumeError, RunRecord, run_status
 from server.strategy import FederationStrategy, build_strategy
 from server.update_check import screen_updates
@@ -40,7 +40,7 @@ def _reply(node: int, name: str, arrays: ArrayRecord | None, examples: int = 10,
                                                    "noise-multiplier": 1.0, "steps": 4}),
                           "site": ConfigRecord({"name": name, "status": status, "reason": ""})})
     if arrays is not None:
-        content["arrays"] = arrays
+        weights_content(content, {k: a.numpy() for k, a in arrays.items()})  # packed, as a courier sends them
     return Message(content=content, reply_to=ask)
 
 
@@ -238,9 +238,30 @@ def test_train_replies_without_steps_seconds_or_loss_are_still_averaged(tmp_path
     record = RunRecord(tmp_path, config)
     fed = FederationStrategy(build_strategy(config), record, progress=lambda _: None)
     fed.sent, fed.asked = dict(GLOBAL), [_ask(1), _ask(2)]
-    minimal = Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 30}), "arrays": _arrays(0.02),
+    minimal = Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 30}),
                                           "site": ConfigRecord({"name": "minimal", "status": "ok", "reason": ""})}), reply_to=_ask(2))
+    weights_content(minimal.content, {k: a.numpy() for k, a in _arrays(0.02).items()})
     arrays, _ = fed.aggregate_train(1, [_reply(1, "full", _arrays(0.01)), minimal])
     np.testing.assert_allclose(arrays["b"].numpy(), np.full(3, (0.01 * 10 + 0.02 * 30) / 40, np.float32), rtol=1e-5)
     site = record.round(1)["sites"]["minimal"]
     assert site["status"] == "ok" and site["steps"] == 0 and math.isnan(site["train_loss"]) and math.isnan(site["train_seconds"])
+
+
+def test_packed_weights_round_trip_and_a_lying_layout_is_rejected_not_a_crash(tmp_path):
+    weights = {"w": np.arange(12, dtype=np.float32).reshape(4, 3), "b": np.ones(3, np.float32)}
+    record, layout = pack(weights)
+    assert list(record) == ["weights"] and record["weights"].numpy().shape == (15,)  # one array on the wire
+    assert {k: v.tolist() for k, v in unpack(record, layout).items()} == {k: v.tolist() for k, v in weights.items()}
+    lies = {"more values than sent": {"dims": [4, 4, 3]}, "a pickled dtype": {"dtypes": ["object", "float32"]},
+            "negative size": {"dims": [-4, 3, 3]}, "fewer names than shapes": {"names": ["w"]}}
+    for what, change in lies.items():
+        with pytest.raises(ValueError):
+            unpack(record, ConfigRecord({**dict(layout), **change}))
+    # at the server: that site is left out with the reason, the others aggregated
+    fed = FederationStrategy(build_strategy(run_config({"min-sites": 1})), RunRecord(tmp_path, run_config({"min-sites": 1})), progress=lambda _: None)
+    fed.sent, fed.asked = dict(GLOBAL), [_ask(1), _ask(2)]
+    liar = _reply(2, "liar", _arrays(0.01))
+    liar.content["layout"] = ConfigRecord({**dict(liar.content["layout"]), "dims": [4, 4, 3]})
+    arrays, _ = fed.aggregate_train(1, [_reply(1, "honest", _arrays(0.01)), liar])
+    assert arrays is not None and fed.record.round(1)["sites"]["liar"]["status"] == "rejected"
+    assert "layout asks for more values" in fed.record.round(1)["sites"]["liar"]["reason"]

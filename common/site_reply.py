@@ -13,6 +13,7 @@ DP-SGD weights (train only) and, when the train request asked to validate the we
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,22 +35,25 @@ def pack(arrays: Mapping[str, np.ndarray]) -> tuple[ArrayRecord, ConfigRecord]:
 
 
 def unpack(record: ArrayRecord, layout: ConfigRecord) -> dict[str, np.ndarray]:
-    """`pack` undone. ValueError when the two do not fit together (a hostile or broken message)."""
+    """`pack` undone. ValueError when the two do not fit together (a hostile or broken message):
+    every count is checked as a plain non-negative int before anything is sliced or allocated."""
     try:
         names, ndims, dims, dtypes = (list(layout[k]) for k in ("names", "ndims", "dims", "dtypes"))
         flat = record["weights"].numpy().ravel()
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"packed weights without their layout: {err}") from err
-    if not len(names) == len(ndims) == len(dtypes) or sum(ndims) != len(dims) or not set(dtypes) <= set(DTYPES):
+    except Exception as err:  # noqa: BLE001 — whatever a hostile message makes Flower or numpy raise
+        raise ValueError(f"packed weights do not decode: {type(err).__name__}") from err
+    counts_ok = all(type(x) is int and 0 <= x <= 2**40 for x in [*ndims, *dims])
+    if (not counts_ok or not all(isinstance(n, str) for n in names) or not len(names) == len(ndims) == len(dtypes)
+            or sum(ndims) != len(dims) or not set(dtypes) <= set(DTYPES) or flat.dtype.kind not in "fi"):
         raise ValueError("packed weights: inconsistent layout")
     out, start, at = {}, 0, 0
     for name, ndim, dtype in zip(names, ndims, dtypes, strict=True):
-        shape = tuple(int(d) for d in dims[at:at + ndim])
+        shape = tuple(dims[at:at + ndim])
         at += ndim
-        size = int(np.prod(shape, dtype=np.int64))
-        if min(shape, default=1) < 0 or start + size > flat.size:
+        size = math.prod(shape)  # Python ints: no overflow
+        if start + size > flat.size:
             raise ValueError("packed weights: the layout asks for more values than were sent")
-        out[str(name)] = flat[start:start + size].astype(dtype).reshape(shape)
+        out[name] = flat[start:start + size].astype(dtype).reshape(shape)
         start += size
     if start != flat.size:
         raise ValueError(f"packed weights: {flat.size - start} values more than the layout names")

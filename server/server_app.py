@@ -108,6 +108,8 @@ def run_federation(grid: Grid, config: dict[str, Any], progress: Callable[[str],
     config = record.config
     strategy = FederationStrategy(build_strategy(config), record, progress, registered)
     strategy.load_state(checkpoint["strategy_state"])
+    if config["resume"]:
+        strategy.resumed_from = done  # no site trained these weights in this (new) run
     site_config = ConfigRecord({k: config[k] for k in SITE_KEYS})
     timeout = float(config["round-timeout"])
     if done < 0:

@@ -79,6 +79,7 @@ class FederationStrategy(Strategy):
         self.sent: dict[str, np.ndarray] = {}
         self.asked: list[Message] = []
         self.validating = False
+        self.resumed_from: int | None = None  # set by the server loop on resume
 
     def summary(self) -> None:
         self.inner.summary()
@@ -98,11 +99,26 @@ class FederationStrategy(Strategy):
         self.record.round(server_round)  # starts the round's clock
         self.sent = {k: v.numpy() for k, v in arrays.items()}
         self.validating = bool(config.get(VALIDATE_RECEIVED, False))
-        return self._remember(server_round, "train", self.inner.configure_train(server_round, arrays, config, grid), self.sent)
+        messages = self._remember(server_round, "train", self.inner.configure_train(server_round, arrays, config, grid), self.sent)
+        for msg in messages:  # each message its own config: who validates differs per site
+            msg.content["config"] = ConfigRecord({**dict(msg.content["config"]),
+                                                  VALIDATE_RECEIVED: self.validating and self._may_ask(server_round - 1, msg.metadata.dst_node_id)})
+        return messages
+
+    def _may_ask(self, server_round: int, node: int) -> bool:
+        """Whether to ask a site to validate round `server_round`'s global model: every site for weights
+        no site trained in this run (round 0, the round a resume starts from); otherwise only sites
+        that trained that round. Asking the others would spend their daily allowance of validations of
+        weights they did not train (their guard counts those) and leave round 0 of later runs unscored."""
+        if server_round == 0 or server_round == self.resumed_from:
+            return True
+        name = self.record.site_nodes.get(str(node))
+        return bool(name and self.record.round(server_round)["sites"].get(name, {}).get("update_sha256"))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.record.round(server_round)  # round 0 has no training: its clock starts here
-        return self._remember(server_round, "evaluate", self.inner.configure_evaluate(server_round, arrays, config, grid),
+        messages = self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return self._remember(server_round, "evaluate", [m for m in messages if self._may_ask(server_round, m.metadata.dst_node_id)],
                               {k: v.numpy() for k, v in arrays.items()})
 
     def _remember(self, server_round: int, stage: str, messages: Iterable[Message], weights: dict[str, np.ndarray]) -> list[Message]:
@@ -201,8 +217,10 @@ class FederationStrategy(Strategy):
         for msg, name, status, reason, m in self._site_replies(server_round, replies, stage):
             entry = self.record.site(server_round, name)
             entry.update(val_dice=metric(m, "dice"), val_iou=metric(m, "iou"), val_hd95_mm=metric(m, "hd95"),
-                         val_slices=count(m, self.weight_key), epsilon=metric(m, "epsilon"), val_seconds=metric(m, "seconds"),
+                         val_slices=count(m, self.weight_key), val_seconds=metric(m, "seconds"),
                          val_dice_per_class=[metric(m, k) for k in sorted(m) if k.startswith("dice-class")])
+            if "epsilon" in m:  # a refused validation leaves the round's training ε as it was
+                entry["epsilon"] = metric(m, "epsilon")
             problem = (status, reason) if status != "ok" else None  # a refusal or failure, in the site's own words
             if problem is None and "dice" not in m:
                 problem = ("rejected", "validation reply has no dice")

@@ -94,9 +94,9 @@ def test_one_message_validates_the_weights_it_brings_then_trains_on_them(tiny_si
     assert (retry.content["validation-site"]["status"], retry.content["validation-site"]["reason"]) == ("refused", "validation_limit")
     assert retry.content["site"]["status"] == "ok" and not dict(retry.content["validation-metrics"])
     # a training refusal does not take the validation down with it
-    refused = _call(guard, MessageType.TRAIN, 3, weights=_weights(second), validate_received=True, delta=0.5)
-    assert refused.content["site"]["reason"] == "delta_above_policy" and "arrays" not in refused.content
-    assert refused.content["validation-site"]["reason"] == "delta_above_policy"  # the same δ, asked of the validation
+    refused = _call(guard, MessageType.TRAIN, 3, weights=_weights(second), validate_received=True, **{"num-server-rounds": 1000})
+    assert refused.content["site"]["reason"] == "rounds_over_policy" and "arrays" not in refused.content
+    assert refused.content["validation-site"]["status"] == "ok" and "dice" in refused.content["validation-metrics"]
 
 
 def test_patient_level_epsilon_is_opacus_rdp_over_patient_sampling_and_survives_a_new_run(tiny_site, tmp_path):

@@ -110,6 +110,14 @@ def test_a_train_reply_closes_the_previous_round_with_the_validation_it_carries(
     assert before["node-3"]["status"] == "validation_failed"
     assert {n: s["status"] for n, s in record.round(1)["sites"].items()} == {"a": "ok", "b": "ok", "node-3": "train_failed"}
     assert "dice" not in record.round(1) and record.round(1)["checkpoint"] == "global_model-round001.pt"
+    # Round 2 asks only the sites that trained round 1 to validate it (a and b; the crashed one would
+    # spend its daily allowance of validations of weights it did not train); round 0 and the round a
+    # resume starts from are asked of everyone.
+    record.site_nodes.update({"1": "a", "2": "b", "3": "node-3"})
+    assert [fed._may_ask(1, n) for n in (1, 2, 3)] == [True, True, False]
+    assert fed._may_ask(0, 3)
+    fed.resumed_from = 1
+    assert fed._may_ask(1, 3)
 
 
 def test_replies_are_named_by_the_registered_node_not_by_the_name_they_claim(tmp_path):
@@ -217,7 +225,7 @@ def test_minimal_validation_replies_are_averaged_and_one_without_dice_is_rejecte
     assert {n: s["status"] for n, s in sites.items()} == {
         "full": "ok", "minimal": "ok", "no-dice": "rejected", "no-count": "rejected", "refused": "refused"}
     assert sites["no-dice"]["reason"] == "validation reply has no dice" and "num-examples" in sites["no-count"]["reason"]
-    assert math.isnan(sites["minimal"]["val_iou"]) and math.isnan(sites["minimal"]["val_hd95_mm"]) and math.isnan(sites["minimal"]["epsilon"])
+    assert math.isnan(sites["minimal"]["val_iou"]) and math.isnan(sites["minimal"]["val_hd95_mm"]) and "epsilon" not in sites["minimal"]
     assert sites["minimal"]["val_slices"] == 30 and sites["no-count"]["val_slices"] == 0
     # With no usable reply at all the round closes unvalidated, without an error.
     assert fed.aggregate_evaluate(2, [_validation(3, "no-dice", iou=0.9, **{"num-examples": 10})]) is None
@@ -253,10 +261,14 @@ def test_packed_weights_round_trip_and_a_lying_layout_is_rejected_not_a_crash(tm
     assert list(record) == ["weights"] and record["weights"].numpy().shape == (15,)  # one array on the wire
     assert {k: v.tolist() for k, v in unpack(record, layout).items()} == {k: v.tolist() for k, v in weights.items()}
     lies = {"more values than sent": {"dims": [4, 4, 3]}, "a pickled dtype": {"dtypes": ["object", "float32"]},
-            "negative size": {"dims": [-4, 3, 3]}, "fewer names than shapes": {"names": ["w"]}}
+            "negative size": {"dims": [-4, 3, 3]}, "fewer names than shapes": {"names": ["w"]},
+            "text counts": {"ndims": ["2", "1"]}, "fractional counts": {"ndims": [1.5, 1.5]}, "infinite size": {"dims": [4.0, 3.0, float("inf")]},
+            "negative ndims": {"ndims": [3, -1]}, "a size that wraps int64": {"dims": [2**32 + 1, 2**32 - 1, 3]},
+            "no layout at all": {"names": None}}
     for what, change in lies.items():
+        lying = {k: v for k, v in {**dict(layout), **change}.items() if v is not None}
         with pytest.raises(ValueError):
-            unpack(record, ConfigRecord({**dict(layout), **change}))
+            unpack(record, ConfigRecord(lying))
     # at the server: that site is left out with the reason, the others aggregated
     fed = FederationStrategy(build_strategy(run_config({"min-sites": 1})), RunRecord(tmp_path, run_config({"min-sites": 1})), progress=lambda _: None)
     fed.sent, fed.asked = dict(GLOBAL), [_ask(1), _ask(2)]

@@ -97,7 +97,8 @@ def reply_content(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -
 
 @dataclass
 class SiteReply:
-    """What the server reads from a reply. The name is what the reply claims; the server keeps it."""
+    """What the server reads from a reply. `name` is what the reply claims: the server uses it only
+    where no site is registered (a simulation); otherwise it names the reply by its node."""
 
     name: str
     status: str

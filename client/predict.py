@@ -4,7 +4,6 @@ optional NIfTI and a PNG quick look. Runs at the site: images never leave it."""
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -22,6 +21,7 @@ from common.dicom_io import LPS_TO_RAS, LoadReport, Series, load_series, read_di
 from common.inference import segment_series
 from common.model import GlobalModel
 from common.overlays import draw_overlays, most_labelled_slices
+from common.safe_paths import UnsafePath, path_under, safe_name
 from common.seg_writer import write_seg
 
 @dataclass
@@ -59,8 +59,9 @@ def write_quick_look(series: Series, mask: np.ndarray, names: list[str], path: P
     return draw_overlays(panels, names, path, f"patient {series.patient_id} - {series.modality} series ...{series.uid[-12:]}")
 
 
-def _folder_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text) or "unknown"
+def output_stem(out: Path, series: Series) -> Path:
+    """OUT/<patient>/<series uid>, both cleaned: IDs and UIDs come from the files and may hold '/' or '..'."""
+    return path_under(out, safe_name(series.patient_id or "unknown"), safe_name(series.uid))
 
 
 def predict_folder(global_model: GlobalModel, source: Path, out: Path, device: torch.device,
@@ -75,13 +76,17 @@ def predict_folder(global_model: GlobalModel, source: Path, out: Path, device: t
     results = []
     started = time.time()
     for done, series in enumerate(sorted(series_by_uid.values(), key=lambda s: (s.patient_id, s.uid)), start=1):
+        try:
+            stem = output_stem(out, series)
+        except UnsafePath as err:
+            report.skip(f"a series of {len(series.paths)} files under {series.paths[0].parent}", str(err))
+            continue
         mask = segment_series(global_model.model, series, int(global_model.config["image-size"]), device)
-        folder = out / _folder_name(series.patient_id)
-        seg = folder / f"{series.uid}.seg.dcm"
+        seg = stem.with_name(f"{stem.name}.seg.dcm")
         write_seg([read_dicom(p) for p in series.paths], mask, names, seg, algorithm=algo)
         results.append(Prediction(series, mask, seg,
-                                  write_nifti(series, mask, folder / f"{series.uid}.nii.gz") if nifti else None,
-                                  write_quick_look(series, mask, names, folder / f"{series.uid}.png") if png else None))
+                                  write_nifti(series, mask, stem.with_name(f"{stem.name}.nii.gz")) if nifti else None,
+                                  write_quick_look(series, mask, names, stem.with_name(f"{stem.name}.png")) if png else None))
         share = ", ".join(f"{names[c]} {int((mask == c).sum())} px" for c in range(1, len(names)))
         progress(f"[{done}/{len(series_by_uid)}] patient {series.patient_id}: {len(mask)} slices -> {seg} ({share}); "
                  f"{time.time() - started:.1f} s so far")

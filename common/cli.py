@@ -139,22 +139,25 @@ def _certs(args: argparse.Namespace) -> int:
 
 def _server(args: argparse.Namespace) -> int:
     from common.processes import run_until_stopped
-    from server.superlink import ServerFolder, local_address, start_superlink
+    from server.edge import EdgeError
+    from server.superlink import ServerFolder, ServerStartError, local_address, start_server
 
     folder = ServerFolder(Path(args.server_dir))
     if args.insecure:
         print("WARNING: --insecure: TLS is OFF (model updates and metrics travel unencrypted) and site "
               "authentication is OFF (any process that reaches the port can join as a site). Local tests only.", flush=True)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"note: the SuperLink also serves Flower's Control API (register sites, start runs) on {args.host}:{args.port}; "
-              "allow only the sites' addresses to reach it (firewall/VPN).", flush=True)
-    proc = start_superlink(folder, args.host, args.port, args.insecure, args.verbose)
-    print(f"aggregation server on {args.host}:{args.port} ({'INSECURE' if args.insecure else 'TLS, site authentication on'}); "
-          f"state {folder.root / 'state.db'}; log {folder.log_file}\n"
+    try:
+        superlink, edge = start_server(folder, args.host, args.port, args.insecure, args.allow, args.local_port, args.verbose)
+    except (ServerStartError, EdgeError) as err:
+        raise SystemExit(str(err)) from err
+    allowed = f"from {', '.join(args.allow)} only" if args.allow else "from any address"
+    print(f"aggregation server on {args.host}:{args.port} ({'INSECURE' if args.insecure else 'TLS, site authentication on'}; "
+          f"Fleet API only, {allowed}); state {folder.root / 'state.db'}; logs {folder.log_file.parent}\n"
           f"  register a site: fedseg register {folder.root} site.pub --name SITE\n"
           f"  start a run:     fedseg run {folder.root} --rounds N\n"
+          f"  (both use the SuperLink's Control API on this machine only: {folder.connection_file})\n"
           f"  sites reach it at {local_address(args.host, args.port)} (or this machine's name); Ctrl-C stops it", flush=True)
-    return run_until_stopped(proc)
+    return run_until_stopped(superlink, edge)
 
 
 def _register(args: argparse.Namespace) -> int:
@@ -215,10 +218,11 @@ def _site(args: argparse.Namespace) -> int:
     from client.privacy_ledger import LedgerError
     from client.site_policy import PolicyError
     from client.supernode import SiteError, SiteFolder, run_site
+    from common.dicomweb import is_dicomweb
 
     folder = SiteFolder(Path(args.site_dir))
     name = args.name or folder.root.resolve().name
-    data = _local_data(args.data, folder.root / "pacs")
+    data = _local_data(args.data, folder.root / "pacs", None, _pacs_session(args, [args.data]) if is_dicomweb(args.data) else None)
     if args.insecure:
         print("WARNING: --insecure: no TLS and no site authentication. Local tests only.", flush=True)
     elif not args.ca_cert:
@@ -253,24 +257,94 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local_data(source: str, cache: Path, study: str | None = None) -> Path:
-    """A folder as given, or a DICOMweb URL pulled into the site's `cache` folder first."""
+PACS_PASSWORD_ENV = "FEDSEG_PACS_PASSWORD"
+
+
+def _study_options(parser: argparse.ArgumentParser) -> None:
+    """Which studies `pull` and `predict` copy from a PACS: never all of them by default."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--study", action="append", metavar="UID", help="this StudyInstanceUID (repeatable)")
+    which.add_argument("--all", action="store_true", help="every study on the server (never the default)")
+
+
+def _pacs_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """How a command reaches a PACS: credentials and TLS (`prefix` where the plain names mean something
+    else, as `fedseg site --ca-cert`). No flag turns TLS verification off."""
+    parser.add_argument(f"--{prefix}token-file", dest="pacs_token_file", metavar="PATH",
+                        help="bearer token for the PACS, read from this file (one line)")
+    parser.add_argument(f"--{prefix}user", dest="pacs_user",
+                        help=f"PACS user for HTTP basic auth; the password comes from ${PACS_PASSWORD_ENV}")
+    parser.add_argument(f"--{prefix}ca-cert", dest="pacs_ca_cert", metavar="PATH",
+                        help="CA certificate(s) (PEM) that signed the PACS' https certificate (default: the public CAs of certifi)")
+    parser.add_argument("--allow-http", action="store_true",
+                        help="allow plain http:// to another machine: images and credentials cross the network unencrypted")
+
+
+def _chosen_studies(args: argparse.Namespace) -> list[str] | None:
+    """--study UIDs, or None for --all; neither is an error, as copying a whole PACS is never a default."""
+    if args.all:
+        return None
+    if not args.study:
+        raise SystemExit("say which studies to copy from the PACS: --study UID (repeatable), or --all for every study on it")
+    return args.study
+
+
+def _pacs_session(args: argparse.Namespace, urls: list[str]):
+    """A requests session with the credentials and CA given; plain http:// to another machine refused
+    unless --allow-http (then a warning), since it would carry images and credentials in clear."""
+    from common.dicomweb import PacsAccess, is_plain_http_to_another_host, read_token, session
+
+    for url in filter(is_plain_http_to_another_host, urls):
+        if not args.allow_http:
+            raise SystemExit(f"refusing plain http:// to {url}: use https:// (--ca-cert for the hospital's CA), "
+                             "or --allow-http on a network you trust")
+        print(f"WARNING: plain http:// to {url}: images{' and credentials' if args.pacs_token_file or args.pacs_user else ''} "
+              "cross the network unencrypted", file=sys.stderr, flush=True)
+    if args.pacs_token_file and args.pacs_user:
+        raise SystemExit("give a token file or a user, not both")
+    if args.pacs_user and PACS_PASSWORD_ENV not in os.environ:
+        raise SystemExit(f"PACS user {args.pacs_user}: put the password in the environment variable {PACS_PASSWORD_ENV}")
+    if args.pacs_ca_cert and not Path(args.pacs_ca_cert).is_file():
+        raise SystemExit(f"PACS CA certificate {args.pacs_ca_cert}: no such file")
+    try:
+        token = read_token(Path(args.pacs_token_file)) if args.pacs_token_file else None
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"PACS token file: {err}") from err
+    return session(PacsAccess(token=token, user=args.pacs_user, password=os.environ.get(PACS_PASSWORD_ENV) if args.pacs_user else None,
+                              ca_cert=Path(args.pacs_ca_cert) if args.pacs_ca_cert else None))
+
+
+def _local_data(source: str, cache: Path, studies: list[str] | None = None, http=None) -> Path:
+    """A folder as given, or a DICOMweb URL pulled into the site's `cache` folder first
+    (`studies` None: every study, which `fedseg site --data URL` trains on)."""
     from common.dicomweb import is_dicomweb, pull
 
     if not is_dicomweb(source):
         return Path(source)
     try:
-        return pull(source, cache, study)
+        pull(source, cache, studies, http)
     except ConnectionError as err:
         raise SystemExit(str(err)) from err
+    return cache
 
 
 def _pull(args: argparse.Namespace) -> int:
-    _local_data(args.url, Path(args.folder), args.study)
+    from common.dicomweb import is_dicomweb
+
+    if not is_dicomweb(args.url):
+        raise SystemExit(f"{args.url} is not a DICOMweb URL (https://... or http://...)")
+    studies = _chosen_studies(args)
+    _local_data(args.url, Path(args.folder), studies, _pacs_session(args, [args.url]))
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from common.dicomweb import is_dicomweb
+
+    from_pacs = is_dicomweb(args.source)
+    studies = _chosen_studies(args) if from_pacs else None
+    http = _pacs_session(args, [u for u in (args.source if from_pacs else None, args.store) if u])
+
     import torch
 
     from client.predict import predict_folder
@@ -282,7 +356,7 @@ def _predict(args: argparse.Namespace) -> int:
         raise SystemExit(f"cannot load the global model from {args.model}: {err}") from err
     device = torch.device(args.device) if args.device else pick_device()
     print(f"global model {global_model.path} (round {global_model.round}, sha256 {global_model.sha256[:16]}) on {device}", flush=True)
-    source = _local_data(args.source, Path(args.out) / "pacs", args.study)
+    source = _local_data(args.source, Path(args.out) / "pacs", studies, http)
     try:
         results, report = predict_folder(global_model, source, Path(args.out), device, args.nifti, not args.no_png)
     except (FileNotFoundError, ValueError) as err:
@@ -291,7 +365,7 @@ def _predict(args: argparse.Namespace) -> int:
         from common.dicomweb import push
 
         try:
-            print(f"stored {push(args.store, [r.seg for r in results])} DICOM-SEG objects on {args.store}")
+            print(f"stored {push(args.store, [r.seg for r in results], http)} DICOM-SEG objects on {args.store}")
         except ConnectionError as err:
             raise SystemExit(str(err)) from err
     if report.skipped:
@@ -363,8 +437,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     server = sub.add_parser("server", help="coordinator: start the aggregation server (Flower SuperLink)")
     server.add_argument("server_dir", help="server folder: certs/, state.db, runs/, logs/")
-    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    server.add_argument("--host", default="127.0.0.1", help="address the sites dial (0.0.0.0: every interface); only "
+                        "the Fleet API is served there, by nginx")
     server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--allow", action="append", default=[], metavar="CIDR",
+                        help="serve only sites in this network (repeatable; default: any address)")
+    server.add_argument("--local-port", type=int, help="the SuperLink's own port on 127.0.0.1, for register/run/sites "
+                        "and SSH tunnels (default: a free one, recorded in SERVER_DIR/.flwr/config.toml)")
     server.add_argument("--insecure", action="store_true", help="no TLS, no site authentication: local tests only")
     server.set_defaults(func=_server)
 
@@ -410,24 +489,28 @@ def build_parser() -> argparse.ArgumentParser:
     site.add_argument("--threads", type=int, default=0,
                       help="CPU threads for training (default: all cores; use 1 when several sites share one machine)")
     site.add_argument("--insecure", action="store_true", help="no TLS, no authentication: local tests only")
+    _pacs_options(site, prefix="pacs-")
     site.set_defaults(func=_site)
 
     predict = sub.add_parser("predict", help="site: segment DICOM series with a global model; write DICOM-SEG (+ NIfTI, PNG)")
     predict.add_argument("model", help="global_model.pt, or a run folder holding one")
     predict.add_argument("source", help="a folder of DICOM (one series, a study, or many studies), or a DICOMweb URL "
-                                        "(e.g. http://pacs:8042/dicom-web), pulled into OUT/pacs first")
-    predict.add_argument("--study", help="with a DICOMweb source: only this StudyInstanceUID")
-    predict.add_argument("--store", metavar="URL", help="store the DICOM-SEGs on this DICOMweb server (STOW-RS)")
+                                        "(e.g. https://pacs:8042/dicom-web), pulled into OUT/pacs first (needs --study or --all)")
+    predict.add_argument("--store", metavar="URL", help="store the DICOM-SEGs on this DICOMweb server (STOW-RS), "
+                                                        "with the same credentials and CA")
     predict.add_argument("--out", required=True, help="output folder: OUT/<patient>/<series uid>.seg.dcm (+ .nii.gz, .png)")
     predict.add_argument("--nifti", action="store_true", help="also write each mask as NIfTI")
     predict.add_argument("--no-png", action="store_true", help="skip the PNG quick look")
     predict.add_argument("--device", help="cpu or cuda (default: the GPU when there is one)")
+    _study_options(predict)
+    _pacs_options(predict)
     predict.set_defaults(func=_predict)
 
     pull = sub.add_parser("pull", help="site: copy studies from the hospital's DICOMweb server (PACS) into a local folder")
-    pull.add_argument("url", help="DICOMweb root, e.g. http://pacs:8042/dicom-web")
+    pull.add_argument("url", help="DICOMweb root, e.g. https://pacs:8042/dicom-web")
     pull.add_argument("folder", help="local folder (a site data folder); instances already there are not fetched again")
-    pull.add_argument("--study", help="only this StudyInstanceUID")
+    _study_options(pull)
+    _pacs_options(pull)
     pull.set_defaults(func=_pull)
 
     bench = sub.add_parser("bench", help="researcher: utility (pooled, local, federated, DP) and cost, measured side by side")

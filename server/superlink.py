@@ -1,10 +1,12 @@
 """The aggregation server as Flower deploys it: a SuperLink with TLS, site authentication and a
-persistent state database, everything under one server folder.
+persistent state database, on loopback behind the edge (`server/edge.py`), everything under one
+server folder.
 
     SERVER_DIR/certs/       CA + server certificate (`fedseg certs`)
     SERVER_DIR/state.db     the SuperLink's state: registered sites, runs, messages
-    SERVER_DIR/.flwr/       Flower CLI home: the connection `fedseg register` / `fedseg run` use
-    SERVER_DIR/logs/        the SuperLink's full log
+    SERVER_DIR/.flwr/       Flower CLI home: the loopback connection `fedseg register` / `run` / `sites` use
+    SERVER_DIR/edge/        the edge's nginx.conf
+    SERVER_DIR/logs/        the SuperLink's full log, the edge's logs
     SERVER_DIR/runs/        one folder per training run (checkpoints, history.json, summary.md)
 
 The SuperLink's working directory is the server folder, so a run's relative `run-dir` lands there.
@@ -12,6 +14,7 @@ The SuperLink's working directory is the server folder, so a run's relative `run
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +22,15 @@ import tomli_w
 
 from common.credentials import ServerCertificates
 from common.flower_env import flower_env
-from common.processes import FlowerProcess, flower_executable, port_open, wait_for_port
+from common.processes import FlowerProcess, flower_executable, free_port, port_open, wait_for_port
+from server.edge import allowed_networks, find_nginx, start_edge
 
 CONNECTION = "fedseg"
+LOOPBACK = "127.0.0.1"
+
+
+class ServerStartError(RuntimeError):
+    """The server cannot start (no certificates, port taken, a daemon died); the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -59,9 +68,9 @@ def local_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-def write_connection(folder: ServerFolder, host: str, port: int, insecure: bool) -> None:
-    """The Flower CLI connection to this SuperLink, for `fedseg register` and `fedseg run`."""
-    connection: dict[str, object] = {"address": local_address(host, port)}
+def write_connection(folder: ServerFolder, port: int, insecure: bool) -> None:
+    """The Flower CLI connection to this SuperLink's loopback port, for `fedseg register`, `run` and `sites`."""
+    connection: dict[str, object] = {"address": f"{LOOPBACK}:{port}"}
     if insecure:
         connection["insecure"] = True
     else:
@@ -70,9 +79,9 @@ def write_connection(folder: ServerFolder, host: str, port: int, insecure: bool)
     folder.connection_file.write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}))
 
 
-def superlink_command(folder: ServerFolder, host: str, port: int, insecure: bool) -> list[str]:
+def superlink_command(folder: ServerFolder, port: int, insecure: bool) -> list[str]:
     command = [flower_executable("flower-superlink"), "--database", str((folder.root / "state.db").resolve()),
-               "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+               "--host", LOOPBACK, "--port", str(port), "--disable-runtime-dependency-installation"]
     if insecure:
         return command + ["--insecure"]
     certs = folder.certs
@@ -80,19 +89,31 @@ def superlink_command(folder: ServerFolder, host: str, port: int, insecure: bool
                       "--ssl-keyfile", str(certs.server_key.resolve()), "--enable-supernode-auth"]
 
 
-def start_superlink(folder: ServerFolder, host: str, port: int, insecure: bool, verbose: bool = False) -> FlowerProcess:
-    """Start the SuperLink and return once it accepts connections; raise SystemExit with its log otherwise."""
+def start_server(folder: ServerFolder, host: str, port: int, insecure: bool, allow: Sequence[str] = (),
+                 local_port: int | None = None, verbose: bool = False) -> tuple[FlowerProcess, FlowerProcess]:
+    """Start the SuperLink on loopback and the edge on `host:port`; return (superlink, edge) once both
+    accept connections. Raises ServerStartError / EdgeError saying what to do."""
     if not insecure and (missing := folder.certs.missing()):
-        raise SystemExit(f"no TLS certificates for the server: missing {', '.join(map(str, missing))}.\n"
-                         f"Create them with: fedseg certs {folder.root} --hostname <name or IP the sites will dial>\n"
-                         "(or pass --insecure for a local test without TLS and without site authentication)")
+        raise ServerStartError(f"no TLS certificates for the server: missing {', '.join(map(str, missing))}.\n"
+                               f"Create them with: fedseg certs {folder.root} --hostname <name or IP the sites will dial>\n"
+                               "(or pass --insecure for a local test without TLS and without site authentication)")
+    find_nginx()  # before anything starts: no half-started server
+    networks = allowed_networks(allow)
     probe = local_address(host, port).rsplit(":", 1)[0].strip("[]")
-    if port_open(probe, port):
-        raise SystemExit(f"port {port} on {host} is already in use (another server?); choose one with --port")
+    local_port = local_port or free_port(LOOPBACK)
+    for where, number in ((probe, port), (LOOPBACK, local_port)):
+        if port_open(where, number):
+            raise ServerStartError(f"port {number} on {where} is already in use (another server?); "
+                                   "choose another with --port / --local-port")
     folder.root.mkdir(parents=True, exist_ok=True)
-    write_connection(folder, host, port, insecure)
-    proc = FlowerProcess(superlink_command(folder, host, port, insecure), folder.env(), folder.root, folder.log_file, verbose)
-    if not wait_for_port(proc, probe, port):
-        proc.stop()
-        raise SystemExit(f"the SuperLink did not start (see {folder.log_file}):\n{proc.output_tail(8)}")
-    return proc
+    write_connection(folder, local_port, insecure)
+    superlink = FlowerProcess(superlink_command(folder, local_port, insecure), folder.env(), folder.root, folder.log_file, verbose)
+    if not wait_for_port(superlink, LOOPBACK, local_port):
+        superlink.stop()
+        raise ServerStartError(f"the SuperLink did not start (see {folder.log_file}):\n{superlink.output_tail(8)}")
+    edge = start_edge(folder.root, host, port, local_port, insecure, networks, folder.env(), verbose)
+    if not wait_for_port(edge, probe, port, timeout=20):
+        edge.stop()
+        superlink.stop()
+        raise ServerStartError(f"the edge (nginx) did not start on {host}:{port}:\n{edge.output_tail(8)}")
+    return superlink, edge

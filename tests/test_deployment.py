@@ -26,71 +26,25 @@ from common.model import build_model
 from common.parameters import model_arrays
 from common.processes import free_port, port_open
 from server.superlink import ServerFolder
+from tests.commands import Background, require_nginx
+from tests.commands import fedseg as _fedseg
 
 REPO = Path(__file__).parents[1]
 pytestmark = pytest.mark.slow  # real processes: not in the fast lane
 HOSPITALS = ("hospital-a", "hospital-b")
-FEDSEG = [sys.executable, "-m", "common.cli"]
-
-
-def _fedseg(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*FEDSEG, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-
-
-class Background:
-    """A `fedseg` command in its own process group, output to a file."""
-
-    def __init__(self, name: str, args: list[str], cwd: Path) -> None:
-        self.log = cwd / f"{name}.out"
-        self.proc = subprocess.Popen([*FEDSEG, *args], cwd=cwd, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def wait_for(self, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.output():
-            assert self.proc.poll() is None, f"exited early:\n{self.output()[-3000:]}"
-            assert time.monotonic() < deadline, f"no {text!r} after {timeout} s:\n{self.output()[-3000:]}"
-            time.sleep(0.5)
-
-    def group(self) -> list[int]:
-        """Live processes in this command's process group (it and everything it started)."""
-        alive = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == self.proc.pid and fields[0] != "Z":
-                alive.append(int(stat.parent.name))
-        return alive
-
-    def stop(self) -> list[int]:
-        """SIGTERM to fedseg alone (it must stop its children); returns what was still alive after it."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                pass
-        time.sleep(1)
-        leftovers = self.group()
-        if leftovers:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        return leftovers
+# The address the sites dial: not 127.0.0.1, where the SuperLink itself listens (only nginx answers here).
+PUBLIC = "127.0.0.2"
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     """Coordinator and two hospitals on one machine, as the README walks them through."""
+    require_nginx()
     root = tmp_path_factory.mktemp("deploy")
     port = free_port()
     assert _fedseg("demo-data", "demo", "--sites", "2", "--size", "tiny", cwd=root).returncode == 0
     data = root / "demo" / "federation-v4-tiny-2sites-seed0"
-    assert _fedseg("certs", "coordinator", "--hostname", "fedseg.test", cwd=root).returncode == 0
+    assert _fedseg("certs", "coordinator", "--hostname", "fedseg.test", "--hostname", PUBLIC, cwd=root).returncode == 0
     for site in (*HOSPITALS, "site-unregistered"):
         # Budget 60 against a run target of 30: room for a round lost in the server crash and run again.
         made = _fedseg("site-init", site, "--epsilon-budget", "60", "--min-noise-multiplier", "0.1", cwd=root)
@@ -98,7 +52,7 @@ def federation(tmp_path_factory):
     if os.geteuid() == 0:  # sites then run their courier as an unprivileged user, who must be able to run this Python
         ensure_user()
         let_courier_run_python()
-    server = Background("server", ["server", "coordinator", "--port", str(port)], root)
+    server = Background("server", ["server", "coordinator", "--host", PUBLIC, "--port", str(port)], root)
     started: list[Background] = [server]
     try:
         server.wait_for("aggregation server on", timeout=90)
@@ -106,14 +60,14 @@ def federation(tmp_path_factory):
             reg = _fedseg("register", "coordinator", f"{site}/site.pub", "--name", site, cwd=root)
             assert reg.returncode == 0, reg.stdout + reg.stderr
         for site, folder in zip(HOSPITALS, ("site-01", "site-02")):
-            started.append(Background(site, ["site", site, "--data", str(data / folder), "--server", f"localhost:{port}",
+            started.append(Background(site, ["site", site, "--data", str(data / folder), "--server", f"{PUBLIC}:{port}",
                                              "--ca-cert", "coordinator/certs/ca.crt", "--threads", "1"], root))
         yield {"root": root, "port": port, "server": server, "sites": started[1:], "started": started,
                "data": data / "site-01"}
     finally:
         leftovers = {bg.log.name: bg.stop() for bg in reversed(started)}
         assert not any(leftovers.values()), f"processes left behind: {leftovers}"
-        assert not port_open("127.0.0.1", port), "the server port is still open"
+        assert not port_open(PUBLIC, port), "the server port is still open"
 
 
 def _history(run_dir: Path) -> dict:
@@ -154,16 +108,16 @@ def test_sites_train_over_tls_through_a_dead_hospital_and_a_server_crash_while_i
 
     # Meanwhile: a site whose key was never registered is refused ...
     refused = _fedseg("site", "site-unregistered", "--data", str(federation["data"]), "--server",
-                      f"127.0.0.1:{port}", "--ca-cert", "coordinator/certs/ca.crt", cwd=root, timeout=180)
+                      f"{PUBLIC}:{port}", "--ca-cert", "coordinator/certs/ca.crt", cwd=root, timeout=180)
     assert refused.returncode != 0 and "is not registered" in refused.stderr, refused.stdout + refused.stderr
     # ... a site holding some other CA's certificate stops before connecting ...
     assert _fedseg("certs", str(tmp_path / "other"), cwd=root).returncode == 0
-    wrong_ca = _fedseg("site", "hospital-a", "--data", str(federation["data"]), "--server", f"127.0.0.1:{port}",
+    wrong_ca = _fedseg("site", "hospital-a", "--data", str(federation["data"]), "--server", f"{PUBLIC}:{port}",
                        "--ca-cert", str(tmp_path / "other" / "certs" / "ca.crt"), cwd=root, timeout=180)
     assert wrong_ca.returncode != 0 and "vouches for" in wrong_ca.stderr, wrong_ca.stdout + wrong_ca.stderr
     # ... and a bare SuperNode without the federation's CA cannot complete the TLS handshake.
     bare_log = tmp_path / "bare.out"
-    bare = subprocess.Popen([str(Path(sys.executable).parent / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
+    bare = subprocess.Popen([str(Path(sys.executable).parent / "flower-supernode"), "--superlink", f"{PUBLIC}:{port}",
                              "--auth-supernode-private-key", "hospital-a/site.key", "--max-retries", "1", "--port", str(free_port())],
                             cwd=root, stdout=bare_log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True, env=flower_env(tmp_path / "bare"))
@@ -182,7 +136,7 @@ def test_sites_train_over_tls_through_a_dead_hospital_and_a_server_crash_while_i
     assert run.proc.wait(timeout=120) != 0  # the coordinator's follower lost the server
     assert _history(run_dir)["status"] == "running"
 
-    restarted = Background("server-restarted", ["server", "coordinator", "--port", str(port)], root)
+    restarted = Background("server-restarted", ["server", "coordinator", "--host", PUBLIC, "--port", str(port)], root)
     federation["started"].append(restarted)
     restarted.wait_for("aggregation server on", timeout=90)
     _wait_until(lambda: "hospital-a" in _online(root), 120, "hospital-a reconnects to the restarted server")

@@ -120,8 +120,8 @@ def test_orthanc_round_trip_train_from_pacs_predict_and_store_the_seg(tmp_path, 
     assert push(orthanc, files) == len(files)
 
     # The site pulls its training data from the PACS and trains (one site, one round).
-    _fedseg("pull", orthanc, str(tmp_path / "hospitals" / "from-pacs"), cwd=tmp_path)
-    again = _fedseg("pull", orthanc, str(tmp_path / "hospitals" / "from-pacs"), cwd=tmp_path)
+    _fedseg("pull", orthanc, str(tmp_path / "hospitals" / "from-pacs"), "--all", cwd=tmp_path)
+    again = _fedseg("pull", orthanc, str(tmp_path / "hospitals" / "from-pacs"), "--all", cwd=tmp_path)
     assert f"0 instances fetched, {len(files)} already" in again.stdout  # the cache is used, nothing fetched twice
     _fedseg("simulate", "--data-root", str(tmp_path / "hospitals"), "--rounds", "1", "--local-epochs", "1", "--image-size", "32",
             "--batch-size", "8", "--epsilon", "30", "--out", str(tmp_path / "run"), cwd=tmp_path, timeout=600)

@@ -1,0 +1,134 @@
+"""The server's edge: nginx on the public address, the SuperLink behind it on loopback.
+
+Flower 1.41 serves the Fleet API (sites), the Control API (register keys, start runs) and the runtime
+API from one port, and open-source Flower does not authenticate the Control API. So the SuperLink
+listens on 127.0.0.1 only, and the address the sites dial is nginx's, which forwards `/v1/fleet/*`
+and nothing else: a peer on the network can reach the sites' API, never the coordinator's.
+
+    SERVER_DIR/edge/nginx.conf   written at every start from the options given
+    SERVER_DIR/logs/edge.log     nginx's errors and warnings (refused or rate-limited requests)
+    SERVER_DIR/logs/edge-access.log   one line per request: address, route, status (no message contents)
+"""
+
+from __future__ import annotations
+
+import grp
+import ipaddress
+import os
+import pwd
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from common.credentials import ServerCertificates
+from common.processes import FlowerProcess
+
+# Flower moves arrays in 5 MiB objects; one request body carries one object plus its framing.
+MAX_BODY = "16m"
+# An idle SuperNode makes a request every 3 s; a round's transfers are a few dozen requests. Per site address:
+REQUESTS_PER_SECOND = 20
+BURST = 200
+CONNECTIONS_PER_ADDRESS = 16
+INSTALL_HINT = "install it with: sudo apt-get install nginx-light (Debian/Ubuntu; any nginx >= 1.18 works)"
+
+
+class EdgeError(RuntimeError):
+    """The edge cannot be set up as asked (no nginx, a bad --allow network)."""
+
+
+def find_nginx() -> str:
+    """nginx from PATH or Debian's /usr/sbin (not on a normal user's PATH)."""
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+    if not found:
+        raise EdgeError(f"fedseg server puts nginx in front of the SuperLink, and nginx is not installed; {INSTALL_HINT}")
+    return found
+
+
+def allowed_networks(cidrs: Sequence[str]) -> list[str]:
+    """The --allow networks, normalised; a typo must not silently open (or close) the server."""
+    try:
+        return [str(ipaddress.ip_network(c.strip(), strict=False)) for c in cidrs]
+    except ValueError as err:
+        raise EdgeError(f"--allow takes networks such as 192.0.2.0/24 or 2001:db8::/32: {err}") from err
+
+
+def _listen(host: str, port: int) -> str:
+    host = host.strip("[]") or "0.0.0.0"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _worker_user() -> str:
+    """As root, nginx's workers drop to an unprivileged user; say which (Debian has no group `nobody`)."""
+    if os.geteuid() != 0:
+        return ""
+    nobody = pwd.getpwnam("nobody")
+    return f"user nobody {grp.getgrgid(nobody.pw_gid).gr_name};\n"
+
+
+def edge_config(root: Path, host: str, port: int, superlink_port: int, insecure: bool, allow: Sequence[str] = ()) -> str:
+    """nginx.conf for the edge: TLS with the federation's server certificate, Fleet API only."""
+    root = root.resolve()
+    certs = ServerCertificates(root / "certs")
+    logs = root / "logs"
+    access = "".join(f"        allow {net};\n" for net in allow) + ("        deny all;\n" if allow else "")
+    tls = "" if insecure else (
+        f"    ssl_certificate {certs.server_cert.resolve()};\n"
+        f"    ssl_certificate_key {certs.server_key.resolve()};\n"
+        "    ssl_protocols TLSv1.2 TLSv1.3;\n"
+        "    ssl_session_cache shared:fedseg_tls:1m;\n")
+    upstream = "http" if insecure else "https"
+    # The SuperLink's certificate always names localhost (`fedseg certs`); check it, even on loopback.
+    verify_upstream = "" if insecure else (
+        f"        proxy_ssl_trusted_certificate {certs.ca_cert.resolve()};\n"
+        "        proxy_ssl_verify on;\n"
+        "        proxy_ssl_name localhost;\n")
+    return f"""# Written by `fedseg server` at every start; edit the command's options, not this file.
+{_worker_user()}worker_processes 1;
+pid {root / 'edge' / 'nginx.pid'};
+error_log stderr warn;
+daemon off;
+events {{ worker_connections 512; }}
+http {{
+    access_log {logs / 'edge-access.log'};
+    server_tokens off;
+    client_body_temp_path {root / 'edge' / 'tmp'};
+    proxy_temp_path {root / 'edge' / 'tmp'};
+    limit_req_zone $binary_remote_addr zone=fedseg_fleet:1m rate={REQUESTS_PER_SECOND}r/s;
+    limit_conn_zone $binary_remote_addr zone=fedseg_conn:1m;
+    upstream superlink {{ server 127.0.0.1:{superlink_port}; keepalive 8; }}
+    server {{
+    listen {_listen(host, port)}{'' if insecure else ' ssl'};
+{tls}    client_max_body_size {MAX_BODY};
+    client_body_buffer_size {MAX_BODY};
+    client_body_timeout 30s;
+    send_timeout 30s;
+    location /v1/fleet/ {{
+{access}        limit_req zone=fedseg_fleet burst={BURST} nodelay;
+        limit_conn fedseg_conn {CONNECTIONS_PER_ADDRESS};
+        limit_req_status 429;
+        limit_conn_status 429;
+        proxy_pass {upstream}://superlink;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_buffering off;
+        proxy_read_timeout 60s;
+{verify_upstream}    }}
+    location / {{
+        return 404 "fedseg edge: only the Fleet API (/v1/fleet/) is served on this address\\n";
+    }}
+    }}
+}}
+"""
+
+
+def start_edge(root: Path, host: str, port: int, superlink_port: int, insecure: bool, allow: Sequence[str],
+               env: dict[str, str], verbose: bool = False) -> FlowerProcess:
+    """Write the configuration and start nginx in the foreground, as our child (stopped with us)."""
+    nginx = find_nginx()
+    edge = root / "edge"
+    (edge / "tmp").mkdir(parents=True, exist_ok=True)
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    conf = edge / "nginx.conf"
+    conf.write_text(edge_config(root, host, port, superlink_port, insecure, allow))
+    return FlowerProcess([nginx, "-p", str(edge.resolve()), "-c", str(conf.resolve()), "-e", "stderr"],
+                         env, root, root / "logs" / "edge.log", verbose)

@@ -1,0 +1,92 @@
+"""The server's edge as a network peer meets it: `fedseg server` on a non-loopback address (127.0.0.2)
+serves the Fleet API there and nothing else; the Control API answers on 127.0.0.1 only. A full TLS run
+through the edge is in test_deployment.py, whose sites dial 127.0.0.2."""
+
+from __future__ import annotations
+
+import http.client
+import ssl
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.processes import free_port, port_open
+from server import edge
+from server.superlink import ServerFolder
+from tests.commands import Background, fedseg, require_nginx
+
+PUBLIC = "127.0.0.2"
+REFUSED = b"fedseg edge: only the Fleet API"
+# What a peer would try: Flower's Control and runtime routes, its docs, and ways around the prefix check.
+NOT_SERVED = ["/v1/control/list-runs", "/v1/control/register-node", "/v1/runtime/get-run", "/docs", "/openapi.json",
+              "/health", "/v1/fleet/../control/list-runs", "/v1/fleet/%2e%2e/control/list-runs",
+              "/v1/fleet/..%2fcontrol/list-runs", "//v1/control/list-runs", "/v1/fleetx/get-run"]
+
+
+def _post(port: int, path: str, ca: Path | None) -> tuple[int, bytes]:
+    """POST `path` exactly as written (no client-side normalisation), as a raw peer would."""
+    if ca is None:
+        conn = http.client.HTTPConnection(PUBLIC, port, timeout=10)
+    else:
+        conn = http.client.HTTPSConnection(PUBLIC, port, timeout=10, context=ssl.create_default_context(cafile=str(ca)))
+    try:
+        conn.request("POST", path, body=b"", headers={"Content-Type": "application/protobuf"})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def coordinator(tmp_path) -> Path:
+    require_nginx()
+    made = fedseg("certs", "coordinator", "--hostname", PUBLIC, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    return tmp_path
+
+
+def _serve(root: Path, *options: str) -> tuple[Background, int]:
+    port = free_port(PUBLIC)
+    server = Background(f"server-{port}", ["server", "coordinator", "--host", PUBLIC, "--port", str(port), *options], root)
+    server.wait_for("aggregation server on", timeout=90)
+    return server, port
+
+
+def test_only_the_fleet_api_faces_the_network_and_the_coordinator_works_locally(coordinator):
+    server, port = _serve(coordinator)
+    try:
+        ca = coordinator / "coordinator" / "certs" / "ca.crt"
+        for path in NOT_SERVED:
+            status, body = _post(port, path, ca)
+            assert (status, REFUSED in body) == (404, True), (path, status, body[:200])
+        # A Fleet route reaches the SuperLink (which rejects the empty request itself, not the edge).
+        status, body = _post(port, "/v1/fleet/get-run", ca)
+        assert status != 404 and REFUSED not in body, (status, body[:200])
+        # The SuperLink itself listens on loopback only, where the coordinator's commands reach it.
+        local = tomllib.loads(ServerFolder(coordinator / "coordinator").connection_file.read_text())["superlink"]["fedseg"]
+        host, local_port = local["address"].rsplit(":", 1)
+        assert host == "127.0.0.1" and not port_open(PUBLIC, int(local_port))
+        listed = fedseg("sites", "coordinator", cwd=coordinator)
+        assert listed.returncode == 0 and "site" in listed.stdout.splitlines()[0], listed.stdout + listed.stderr
+    finally:
+        assert not server.stop(), "processes left behind"
+    assert not port_open(PUBLIC, port)
+
+
+def test_the_allow_list_turns_away_every_other_network(coordinator):
+    server, port = _serve(coordinator, "--allow", "192.0.2.0/24")
+    try:
+        status, _ = _post(port, "/v1/fleet/get-run", coordinator / "coordinator" / "certs" / "ca.crt")
+        assert status == 403
+    finally:
+        assert not server.stop(), "processes left behind"
+
+
+def test_a_server_without_nginx_says_how_to_install_it_and_starts_nothing(coordinator, monkeypatch):
+    monkeypatch.setattr(edge.shutil, "which", lambda *a, **k: None)
+    with pytest.raises(edge.EdgeError, match="apt-get install nginx"):
+        edge.find_nginx()
+    bad = fedseg("server", "coordinator", "--host", PUBLIC, "--port", str(free_port(PUBLIC)), "--allow", "10.0.0.300/8", cwd=coordinator)
+    assert bad.returncode != 0 and "--allow takes networks" in bad.stderr
+    assert not (coordinator / "coordinator" / "state.db").exists()  # refused before the SuperLink started

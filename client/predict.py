@@ -17,17 +17,22 @@ from pydicom.sr.codedict import codes
 
 from common.config import class_names
 from common.dataset import normalise
-from common.dicom_io import LPS_TO_RAS, LoadReport, Series, load_series, read_dicom, voxel_to_patient
+from common.dicom_io import LPS_TO_RAS, LoadReport, Series, decode_series, image_series, read_dicom, voxel_to_patient
 from common.inference import segment_series
 from common.model import GlobalModel
 from common.overlays import draw_overlays, most_labelled_slices
 from common.safe_paths import UnsafePath, path_under, safe_name
 from common.seg_writer import write_seg
 
+
 @dataclass
 class Prediction:
-    series: Series
-    mask: np.ndarray
+    """What was written for one series: names and files only, not its pixels or mask, so that a
+    folder of any size is predicted in the memory of one series."""
+
+    patient_id: str
+    series_uid: str
+    slices: int
     seg: Path
     nifti: Path | None
     png: Path | None
@@ -64,30 +69,46 @@ def output_stem(out: Path, series: Series) -> Path:
     return path_under(out, safe_name(series.patient_id or "unknown"), safe_name(series.uid))
 
 
+def predict_series(global_model: GlobalModel, series: Series, stem: Path, device: torch.device,
+                   nifti: bool, png: bool) -> tuple[Prediction, str]:
+    """Segment one series and write its SEG (referencing the series' own files, read again in full)
+    and the optional NIfTI and PNG at `stem`; also the classes' pixel counts, for the progress line."""
+    names = class_names(global_model.config)
+    mask = segment_series(global_model.model, series, int(global_model.config["image-size"]), device)
+    seg = stem.with_name(f"{stem.name}.seg.dcm")
+    write_seg([read_dicom(p) for p in series.paths], mask, names, seg, algorithm=algorithm(global_model))
+    prediction = Prediction(series.patient_id, series.uid, len(mask), seg,
+                            write_nifti(series, mask, stem.with_name(f"{stem.name}.nii.gz")) if nifti else None,
+                            write_quick_look(series, mask, names, stem.with_name(f"{stem.name}.png")) if png else None)
+    return prediction, ", ".join(f"{names[c]} {int((mask == c).sum())} px" for c in range(1, len(names)))
+
+
 def predict_folder(global_model: GlobalModel, source: Path, out: Path, device: torch.device,
                    nifti: bool = False, png: bool = True, progress=print) -> tuple[list[Prediction], LoadReport]:
-    """Segment every image series under `source` (one study or a folder of studies)."""
+    """Segment every image series under `source` (one study or a folder of studies), one series at a
+    time: decoded, segmented, written, then dropped, so memory holds one series whatever the folder.
+    Progress reads [k/n] for the k-th of the n series the header scan found (one that cannot be
+    decoded is named in the report, and has no progress line)."""
     report = LoadReport(folder=str(source))
-    series_by_uid, _ = load_series(source, report)
-    if not series_by_uid:
-        raise ValueError(f"no usable image series under {source}\n{report.format()}")
-    names = class_names(global_model.config)
-    algo = algorithm(global_model)
+    found = image_series(source, report)
     results = []
+    decoded = 0
     started = time.time()
-    for done, series in enumerate(sorted(series_by_uid.values(), key=lambda s: (s.patient_id, s.uid)), start=1):
+    for done, files in enumerate(found, start=1):
+        series = decode_series(files, report)
+        if series is None:
+            continue
+        decoded += 1
         try:
             stem = output_stem(out, series)
         except UnsafePath as err:
             report.skip(f"a series of {len(series.paths)} files under {series.paths[0].parent}", str(err))
-            continue
-        mask = segment_series(global_model.model, series, int(global_model.config["image-size"]), device)
-        seg = stem.with_name(f"{stem.name}.seg.dcm")
-        write_seg([read_dicom(p) for p in series.paths], mask, names, seg, algorithm=algo)
-        results.append(Prediction(series, mask, seg,
-                                  write_nifti(series, mask, stem.with_name(f"{stem.name}.nii.gz")) if nifti else None,
-                                  write_quick_look(series, mask, names, stem.with_name(f"{stem.name}.png")) if png else None))
-        share = ", ".join(f"{names[c]} {int((mask == c).sum())} px" for c in range(1, len(names)))
-        progress(f"[{done}/{len(series_by_uid)}] patient {series.patient_id}: {len(mask)} slices -> {seg} ({share}); "
-                 f"{time.time() - started:.1f} s so far")
+        else:
+            prediction, share = predict_series(global_model, series, stem, device, nifti, png)
+            results.append(prediction)
+            progress(f"[{done}/{len(found)}] patient {series.patient_id}: {prediction.slices} slices -> {prediction.seg} ({share}); "
+                     f"{time.time() - started:.1f} s so far")
+        del series  # before the next series is decoded: one series in memory, never two
+    if not decoded:
+        raise ValueError(f"no usable image series under {source}\n{report.format()}")
     return results, report

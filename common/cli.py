@@ -40,7 +40,7 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-update-norm-ratio", type=float, default=RUN_DEFAULTS["max-update-norm-ratio"],
                         help="reject an update whose norm exceeds this many times the other sites' median (0: off)")
     parser.add_argument("--trim-fraction", type=float, default=RUN_DEFAULTS["trim-fraction"], help="fedtrimmedavg: fraction cut at each end")
-    parser.add_argument("--byzantine-sites", type=int, default=RUN_DEFAULTS["byzantine-sites"], help="krum: sites assumed malicious")
+    parser.add_argument("--byzantine-sites", type=int, default=RUN_DEFAULTS["byzantine-sites"], help="krum, fedmedian, fedtrimmedavg: sites assumed malicious (at least 1 is always assumed)")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue an interrupted run from its last completed round (its own settings; "
                              "--rounds, --round-timeout, --round-retries and --min-sites may change)")
@@ -48,7 +48,20 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
 
 def _run_overrides(args: argparse.Namespace, min_sites: int | None, run_dir: Path | None = None) -> dict[str, Any]:
     """The run config from the options. With --resume, the interrupted run's own config (from its
-    history.json in `run_dir`), changed only by the resumable options given here."""
+    history.json in `run_dir`), changed only by the resumable options given here. A robust
+    aggregator that could trim no one is refused here, before anything starts."""
+    from common.config import run_config
+    from server.strategy import check_aggregator
+
+    config = _chosen_config(args, min_sites, run_dir)
+    try:
+        check_aggregator(run_config(config))
+    except (KeyError, ValueError) as err:  # AggregatorError is a ValueError
+        raise SystemExit(f"run not started: {err}") from err
+    return config
+
+
+def _chosen_config(args: argparse.Namespace, min_sites: int | None, run_dir: Path | None) -> dict[str, Any]:
     resumable = {"num-server-rounds": args.rounds, "round-timeout": args.round_timeout, "round-retries": args.round_retries,
                  "min-sites": min_sites}
     if args.resume:
@@ -146,8 +159,9 @@ def _server(args: argparse.Namespace) -> int:
     if args.insecure:
         print("WARNING: --insecure: TLS is OFF (model updates and metrics travel unencrypted) and site "
               "authentication is OFF (any process that reaches the port can join as a site). Local tests only.", flush=True)
+    os.umask(0o077)  # state.db (model updates), logs and the Flower connection: the coordinator's alone
     try:
-        superlink, edge = start_server(folder, args.host, args.port, args.insecure, args.allow, args.local_port, args.verbose)
+        server = start_server(folder, args.host, args.port, args.insecure, args.allow, args.local_port, args.verbose)
     except (ServerStartError, EdgeError) as err:
         raise SystemExit(str(err)) from err
     allowed = f"from {', '.join(args.allow)} only" if args.allow else "from any address"
@@ -157,7 +171,10 @@ def _server(args: argparse.Namespace) -> int:
           f"  start a run:     fedseg run {folder.root} --rounds N\n"
           f"  (both use the SuperLink's Control API on this machine only: {folder.connection_file})\n"
           f"  sites reach it at {local_address(args.host, args.port)} (or this machine's name); Ctrl-C stops it", flush=True)
-    return run_until_stopped(superlink, edge)
+    try:
+        return run_until_stopped(server.superlink, server.edge)
+    finally:
+        server.close()
 
 
 def _register(args: argparse.Namespace) -> int:
@@ -389,7 +406,14 @@ def _bench(args: argparse.Namespace) -> int:
     from simulations.bench import run_bench, run_deployment_bench
 
     plan = "quick" if args.quick else "full"
-    out = Path(args.out or Path("results") / f"bench-{'deployment' if args.deployment_only else plan}-{time.strftime('%Y%m%d-%H%M%S')}")
+    kind = "scan" if args.scan_only else "deployment" if args.deployment_only else plan
+    out = Path(args.out or Path("results") / f"bench-{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.scan_only:
+        from simulations.scan_bench import run_scan_bench
+
+        run_scan_bench(out, args.files)
+        print((out / "README.md").read_text())
+        return 0
     if args.deployment_only:
         run_deployment_bench(plan, out, Path(args.cache_dir))
         print((out / "table.md").read_text())
@@ -517,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="a few minutes, tiny data: checks that every benchmark runs")
     bench.add_argument("--deployment-only", action="store_true",
                        help="only the real-process deployment row, 3 times: round wall time vs the sites' compute (~8 min)")
+    bench.add_argument("--scan-only", action="store_true",
+                       help="only the site scan: time and peak memory of loading a --files-file folder and the hostile files (~2 min)")
+    bench.add_argument("--files", type=int, default=10_000, help="files in the --scan-only site folder (default 10000)")
     bench.add_argument("--out", help="results folder (default results/bench-<plan>-<time>)")
     bench.add_argument("--cache-dir", default=os.environ.get("FEDSEG_CACHE", str(Path.home() / ".cache" / "fedseg")))
     bench.set_defaults(func=_bench)

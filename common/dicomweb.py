@@ -191,6 +191,7 @@ def _pull_series(client: DICOMwebClient, url: str, folder: Path, series: pydicom
             continue
         if path.name not in have:
             ds.save_as(path, enforce_file_format=True)
+            have.add(path.name)
             counts.fetched += 1
     return target
 

@@ -29,14 +29,30 @@ _NOISE = re.compile(r"( INFO \[uvicorn|uvicorn\.access|^INFO:\s|^\x1b\[92mINFO \
 
 
 _PR_SET_CHILD_SUBREAPER = 36
+_PR_SET_PDEATHSIG = 1
+
+
+def _libc_prctl():
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+_PRCTL = _libc_prctl()  # looked up here, not in the forked child
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when `fedseg` dies, even by SIGKILL, so that no daemon
+    (a SuperLink still serving, an edge still open) outlives the command that started it."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def adopt_orphans() -> None:
     """Linux: descendants whose parent dies are re-parented to this process, not to init."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: orphans go to init, as usual
-        pass
+    if _PRCTL is not None:  # elsewhere orphans go to init, as usual
+        _PRCTL(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 def _process_table() -> dict[int, tuple[int, str]]:
@@ -104,13 +120,18 @@ class FlowerProcess:
         adopt_orphans()
         self.proc = subprocess.Popen(self.command, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
-                                     user=user, group=group, extra_groups=[] if user is not None else None)
+                                     user=user, group=group, extra_groups=[] if user is not None else None,
+                                     preexec_fn=_die_with_parent)
         self._pump = threading.Thread(target=self._copy_output, daemon=True)
         self._pump.start()
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @property
+    def name(self) -> str:
+        return Path(self.command[0]).name
 
     def _copy_output(self) -> None:
         log = self.log_file.open("a", encoding="utf-8") if self.log_file else None
@@ -199,6 +220,9 @@ def run_until_stopped(proc: FlowerProcess, *others: FlowerProcess) -> int:
             reap_orphans(keep=[proc.pid, *(p.pid for p in others)])
         if stopping.is_set():
             print("stopping ...", flush=True)
+        else:
+            ended = next(p for p in (proc, *others) if not p.running())
+            print(f"{ended.name} exited (code {ended.proc.returncode}); stopping the rest", flush=True)
         for other in others:
             other.stop()
         code = proc.stop()

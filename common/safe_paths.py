@@ -23,15 +23,18 @@ def fingerprint(text: str) -> str:
 
 
 def safe_name(text: str) -> str:
-    """One path component: runs of anything but letters, digits, '.', '_' and '-' become '_', and a
-    leading '.' becomes '_' (no hidden files). Refused: an empty result, one made only of dots
-    ('.', '..'), and over-long text. Real UIDs (digits and dots) come through unchanged."""
+    """One path component, different texts never giving the same name: runs of anything but
+    letters, digits, '.', '_' and '-' become '_', a leading '.' becomes '_' (no hidden files), and
+    a name so changed gets '-' and a hash of the text appended (`P/1` and `P?1` stay apart). Real
+    UIDs (digits and dots) come through unchanged. Refused: an empty result, one made only of dots
+    ('.', '..'), and over-long text."""
     name = _UNSAFE.sub("_", text)
     if not name.strip("."):
         raise UnsafePath(f"refused a file name from DICOM content ({fingerprint(text)}): empty, '.' or '..'")
     if len(name) > MAX_NAME:
         raise UnsafePath(f"refused a file name from DICOM content ({fingerprint(text)}): longer than {MAX_NAME} characters")
-    return "_" + name[1:] if name.startswith(".") else name
+    name = "_" + name[1:] if name.startswith(".") else name
+    return name if name == text else f"{name}-{hashlib.sha256(text.encode('utf-8', 'surrogateescape')).hexdigest()[:10]}"
 
 
 def path_under(root: Path, *parts: str) -> Path:

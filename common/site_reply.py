@@ -9,11 +9,16 @@ busy 2-core site, one vector a handful of requests.
 A site's reply: `metrics` (MetricRecord), `site` (ConfigRecord: name, status, reason), the packed
 DP-SGD weights (train only) and, when the train request asked to validate the weights it brought,
 `validation-metrics` and `validation-site` (status, reason) for the previous round's global model.
+
+The server reads a reply only through `SiteReply.read`, which checks it against the schema below
+first: a site is not trusted, so a reply with a record, key, type or range the protocol does not
+have is rejected with the reason, never averaged and never a crash.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +28,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 VALIDATE_RECEIVED = "validate-received"  # a train request's flag: validate the weights sent before training on them
 DTYPES = ("float16", "float32", "float64", "int32", "int64")  # what a model tensor may be (nothing that unpickles)
+MAX_EXAMPLES = 1_000_000  # patients a site may claim (binned): far above any hospital, far below what swamps an average
+STATUSES = ("ok", "refused", "error", "rejected")  # "rejected": the server's word for a validation a train reply lacks
 
 
 def pack(arrays: Mapping[str, np.ndarray]) -> tuple[ArrayRecord, ConfigRecord]:
@@ -95,31 +102,125 @@ def reply_content(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -
     return content
 
 
+@dataclass(frozen=True)
+class Field:
+    """A metric's type and closed range. `nan`: the site may not know it (a class absent from its
+    validation patients gives NaN Dice, IoU and HD95 for that class)."""
+
+    kind: type
+    low: float
+    high: float
+    nan: bool = False
+
+    def problem(self, key: str, value: Any) -> str | None:
+        """Why `value` does not fit, or None."""
+        if self.kind is int and type(value) is not int or self.kind is float and type(value) not in (int, float):
+            return f"has {key} of type {type(value).__name__}, not {'an integer' if self.kind is int else 'a number'}"
+        if math.isnan(value) and self.nan:
+            return None
+        if not self.low <= value <= self.high:  # NaN fails this too
+            return f"has {key} {value!r}, outside [{self.low:g}, {self.high:g}]"
+        return None
+
+
+EXAMPLES = Field(int, 1, MAX_EXAMPLES)
+SHARE = Field(float, 0.0, 1.0, nan=True)  # Dice, IoU
+SPENT = {"epsilon": Field(float, 0.0, math.inf), "seconds": Field(float, 0.0, 1e7)}
+TRAIN_METRICS = {"num-examples": EXAMPLES, **SPENT, "noise-multiplier": Field(float, 0.0, 100.0),
+                 "train-loss": Field(float, 0.0, 1e6), "steps": Field(int, 0, 10**9)}
+# "dice" itself must be a number: it is what validation averages.
+VALIDATION_METRICS = {"num-examples": EXAMPLES, **SPENT, "dice": Field(float, 0.0, 1.0), "iou": SHARE,
+                      "hd95": Field(float, 0.0, 1e6, nan=True)}
+PER_CLASS = re.compile(r"dice-class[1-9][0-9]?")  # dice-class1 ... dice-class99
+# The records each reply may hold (name → kind); validation-* ride in a train reply, read as a validation.
+RECORDS = {True: {"metrics": "metric", "site": "config", "arrays": "array", "layout": "config",
+                  "validation-metrics": "metric", "validation-site": "config"},
+           False: {"metrics": "metric", "site": "config"}}
+
+
+class ReplyError(ValueError):
+    """A reply that does not follow the protocol; the message is the reason recorded for it."""
+
+
+def _records_problem(content: RecordDict, train: bool) -> str | None:
+    kinds = {**{k: "array" for k in content.array_records}, **{k: "metric" for k in content.metric_records},
+             **{k: "config" for k in content.config_records}}
+    allowed = RECORDS[train]
+    for name, kind in kinds.items():
+        if allowed.get(name) != kind:
+            return f"has an unexpected {kind} record {name[:40]!r}"
+    missing = [n for n in ("metrics", "site") if n not in kinds]
+    return f"has no {missing[0]} record" if missing else None
+
+
+def _site_problem(site: ConfigRecord) -> str | None:
+    """The site record: known keys, short printable text, a status of the protocol's."""
+    for key, value in site.items():
+        if key not in ("name", "status", "reason"):
+            return f"has an unexpected site key {key[:40]!r}"
+        if not isinstance(value, str) or not value.isprintable() or len(value) > 300:
+            return f"has a site {key} that is not printable text of at most 300 characters"
+    return None if site.get("status") in STATUSES else f"has status {str(site.get('status'))[:40]!r}, not one of {', '.join(STATUSES)}"
+
+
+def _metrics_problem(metrics: MetricRecord, train: bool, ok: bool) -> str | None:
+    schema = TRAIN_METRICS if train else VALIDATION_METRICS
+    for key, value in metrics.items():
+        field = schema.get(key, SHARE if not train and PER_CLASS.fullmatch(key) else None)
+        if field is None:
+            return f"has an unexpected metric {key[:40]!r}"
+        if problem := field.problem(key, value):
+            return problem
+    required = ("num-examples",) if train else ("num-examples", "dice")
+    return next((f"has no {key}" for key in required if ok and key not in metrics), None)
+
+
+def reply_problem(content: RecordDict, train: bool) -> str | None:
+    """Why a train (or validation) reply's content breaks the protocol ("has ..."), or None. Only records,
+    keys, types and ranges the protocol has pass; an "ok" reply must carry what it is weighed by
+    (and a validation its Dice; a train reply its weights)."""
+    problem = _records_problem(content, train) or _site_problem(content["site"])
+    if problem:
+        return problem
+    ok = content["site"]["status"] == "ok"
+    if train and ok and "arrays" not in content.array_records:
+        return "has no weights"
+    return _metrics_problem(content["metrics"], train, ok)
+
+
+def claimed_name(msg: Message, default: str) -> str:
+    """The name a reply claims for its site, if it is short printable text; else `default`. The
+    server uses it only where no site is registered (a simulation); otherwise it names a reply by its node."""
+    name = msg.content.config_records.get("site", ConfigRecord()).get("name", "")
+    return name if isinstance(name, str) and name and name.isprintable() and len(name) <= 300 else default
+
+
 @dataclass
 class SiteReply:
-    """What the server reads from a reply. `name` is what the reply claims: the server uses it only
-    where no site is registered (a simulation); otherwise it names the reply by its node."""
+    """What the server reads from a reply once it follows the protocol."""
 
-    name: str
     status: str
     reason: str
     metrics: MetricRecord
 
     @classmethod
-    def read(cls, msg: Message, default_name: str) -> SiteReply:
-        site = msg.content.config_records.get("site", ConfigRecord())
-        return cls(str(site.get("name", "") or default_name), str(site.get("status", "ok")), str(site.get("reason", "")),
-                   msg.content.metric_records.get("metrics", MetricRecord()))
+    def read(cls, msg: Message, train: bool) -> SiteReply:
+        """The reply, checked against the protocol first: ReplyError with the reason if it breaks it."""
+        problem = reply_problem(msg.content, train)
+        if problem:
+            raise ReplyError(f"{'train' if train else 'validation'} reply {problem}")
+        site = msg.content["site"]
+        return cls(site["status"], str(site.get("reason", "")), msg.content["metrics"])
 
 
 def received_validation(reply: Message, request: Message) -> Message:
     """A train reply's validation of the weights it was sent, as a validation reply of its own
-    (errors stay errors), so the previous round closes exactly as if a validate message had run."""
+    (errors stay errors; its records as the site sent them, for `SiteReply.read` to check), so the
+    previous round closes exactly as if a validate message had run."""
     if reply.has_error():
         return reply
     site = reply.content.config_records.get("site", ConfigRecord())
     status = reply.content.config_records.get("validation-site", ConfigRecord({"status": "rejected", "reason": "reply carries no validation"}))
     content = RecordDict({"metrics": reply.content.metric_records.get("validation-metrics", MetricRecord()),
-                          "site": ConfigRecord({"name": str(site.get("name", "")), "status": str(status.get("status", "rejected")),
-                                                "reason": str(status.get("reason", ""))})})
+                          "site": ConfigRecord({**dict(status), "name": str(site.get("name", ""))})})
     return Message(content=content, reply_to=request)

@@ -25,6 +25,8 @@ from common.processes import FlowerProcess
 
 # Flower moves arrays in 5 MiB objects; one request body carries one object plus its framing.
 MAX_BODY = "16m"
+BODY_IN_MEMORY = "1m"  # larger bodies go to the edge's temp folder: memory stays small whoever sends them
+WORKER_CONNECTIONS = 4096
 # An idle SuperNode makes a request every 3 s; a round's transfers are a few dozen requests. Per site address:
 REQUESTS_PER_SECOND = 20
 BURST = 200
@@ -45,11 +47,17 @@ def find_nginx() -> str:
 
 
 def allowed_networks(cidrs: Sequence[str]) -> list[str]:
-    """The --allow networks, normalised; a typo must not silently open (or close) the server."""
-    try:
-        return [str(ipaddress.ip_network(c.strip(), strict=False)) for c in cidrs]
-    except ValueError as err:
-        raise EdgeError(f"--allow takes networks such as 192.0.2.0/24 or 2001:db8::/32: {err}") from err
+    """The --allow networks, checked: a typo must not silently open (or close) the server, so host
+    bits (192.168.1.10/24) and interface scopes (fe80::%eth0) are refused, not dropped."""
+    networks = []
+    for cidr in cidrs:
+        try:
+            if "%" in cidr:
+                raise ValueError(f"{cidr!r} has an interface scope")
+            networks.append(str(ipaddress.ip_network(cidr.strip(), strict=True)))
+        except ValueError as err:
+            raise EdgeError(f"--allow takes networks such as 192.0.2.0/24 or 2001:db8::/32: {err}") from err
+    return networks
 
 
 def _listen(host: str, port: int) -> str:
@@ -65,43 +73,55 @@ def _worker_user() -> str:
     return f"user nobody {grp.getgrgid(nobody.pw_gid).gr_name};\n"
 
 
-def edge_config(root: Path, host: str, port: int, superlink_port: int, insecure: bool, allow: Sequence[str] = ()) -> str:
-    """nginx.conf for the edge: TLS with the federation's server certificate, Fleet API only."""
+def _quoted(path: Path) -> str:
+    """A path as an nginx string: a server folder may have spaces or quotes in its name."""
+    return '"' + str(path).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def edge_config(root: Path, host: str, port: int, superlink_port: int, insecure: bool, allow: Sequence[str], spool: Path) -> str:
+    """nginx.conf for the edge: TLS with the federation's server certificate, Fleet API only.
+
+    Header and body timeouts are short and connection slots many, so a peer holding connections
+    half-open exhausts its own per-address allowance, not the sites'. (A flood from many addresses is
+    for the firewall in front: see README.)"""
     root = root.resolve()
     certs = ServerCertificates(root / "certs")
-    logs = root / "logs"
     access = "".join(f"        allow {net};\n" for net in allow) + ("        deny all;\n" if allow else "")
     tls = "" if insecure else (
-        f"    ssl_certificate {certs.server_cert.resolve()};\n"
-        f"    ssl_certificate_key {certs.server_key.resolve()};\n"
+        f"    ssl_certificate {_quoted(certs.server_cert.resolve())};\n"
+        f"    ssl_certificate_key {_quoted(certs.server_key.resolve())};\n"
         "    ssl_protocols TLSv1.2 TLSv1.3;\n"
         "    ssl_session_cache shared:fedseg_tls:1m;\n")
     upstream = "http" if insecure else "https"
     # The SuperLink's certificate always names localhost (`fedseg certs`); check it, even on loopback.
     verify_upstream = "" if insecure else (
-        f"        proxy_ssl_trusted_certificate {certs.ca_cert.resolve()};\n"
+        f"        proxy_ssl_trusted_certificate {_quoted(certs.ca_cert.resolve())};\n"
         "        proxy_ssl_verify on;\n"
         "        proxy_ssl_name localhost;\n")
     return f"""# Written by `fedseg server` at every start; edit the command's options, not this file.
 {_worker_user()}worker_processes 1;
-pid {root / 'edge' / 'nginx.pid'};
+worker_rlimit_nofile {2 * WORKER_CONNECTIONS};
+pid {_quoted(root / 'edge' / 'nginx.pid')};
 error_log stderr warn;
 daemon off;
-events {{ worker_connections 512; }}
+events {{ worker_connections {WORKER_CONNECTIONS}; }}
 http {{
-    access_log {logs / 'edge-access.log'};
+    access_log {_quoted(root / 'logs' / 'edge-access.log')};
     server_tokens off;
-    client_body_temp_path {root / 'edge' / 'tmp'};
-    proxy_temp_path {root / 'edge' / 'tmp'};
+    absolute_redirect off;
+    client_body_temp_path {_quoted(spool)};
+    proxy_temp_path {_quoted(spool)};
     limit_req_zone $binary_remote_addr zone=fedseg_fleet:1m rate={REQUESTS_PER_SECOND}r/s;
     limit_conn_zone $binary_remote_addr zone=fedseg_conn:1m;
     upstream superlink {{ server 127.0.0.1:{superlink_port}; keepalive 8; }}
     server {{
     listen {_listen(host, port)}{'' if insecure else ' ssl'};
-{tls}    client_max_body_size {MAX_BODY};
-    client_body_buffer_size {MAX_BODY};
+{tls}    client_header_timeout 10s;
     client_body_timeout 30s;
+    keepalive_timeout 15s;
     send_timeout 30s;
+    client_max_body_size {MAX_BODY};
+    client_body_buffer_size {BODY_IN_MEMORY};
     location /v1/fleet/ {{
 {access}        limit_req zone=fedseg_fleet burst={BURST} nodelay;
         limit_conn fedseg_conn {CONNECTIONS_PER_ADDRESS};
@@ -111,9 +131,11 @@ http {{
         proxy_http_version 1.1;
         proxy_set_header Connection "";
         proxy_buffering off;
+        proxy_redirect off;
         proxy_read_timeout 60s;
 {verify_upstream}    }}
     location / {{
+        access_log off;  # probes answered here cost nothing but would grow the log without bound
         return 404 "fedseg edge: only the Fleet API (/v1/fleet/) is served on this address\\n";
     }}
     }}
@@ -122,13 +144,14 @@ http {{
 
 
 def start_edge(root: Path, host: str, port: int, superlink_port: int, insecure: bool, allow: Sequence[str],
-               env: dict[str, str], verbose: bool = False) -> FlowerProcess:
-    """Write the configuration and start nginx in the foreground, as our child (stopped with us)."""
+               spool: Path, env: dict[str, str], verbose: bool = False) -> FlowerProcess:
+    """Write the configuration and start nginx in the foreground, as our child (stopped with us).
+    `spool` holds request bodies over BODY_IN_MEMORY: a folder of its own (as root, nginx hands it to
+    its workers' user, who may not be able to enter the server folder)."""
     nginx = find_nginx()
     edge = root / "edge"
-    (edge / "tmp").mkdir(parents=True, exist_ok=True)
-    (root / "logs").mkdir(parents=True, exist_ok=True)
+    edge.mkdir(parents=True, exist_ok=True)
     conf = edge / "nginx.conf"
-    conf.write_text(edge_config(root, host, port, superlink_port, insecure, allow))
+    conf.write_text(edge_config(root, host, port, superlink_port, insecure, allow, spool))
     return FlowerProcess([nginx, "-p", str(edge.resolve()), "-c", str(conf.resolve()), "-e", "stderr"],
                          env, root, root / "logs" / "edge.log", verbose)

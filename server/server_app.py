@@ -18,7 +18,7 @@ from common.parameters import to_arrays
 from common.site_reply import VALIDATE_RECEIVED
 from server.run_record import RunRecord
 from server.site_names import read_site_names
-from server.strategy import FederationStrategy, build_strategy
+from server.strategy import AggregatorError, FederationStrategy, build_strategy, check_aggregator
 
 # Sent to sites each round; the rest of the run config is the server's business.
 SITE_KEYS = ("num-server-rounds", "local-epochs", "batch-size", "learning-rate", "momentum", "target-epsilon",
@@ -61,7 +61,7 @@ def _train(grid: Grid, strategy: FederationStrategy, server_round: int, arrays: 
            config: dict[str, Any], progress: Callable[[str], None]) -> ArrayRecord:
     """One round's training; retried while fewer than `min-sites` usable updates came back. The
     first attempt also has the sites validate `arrays`, closing the previous round in one message."""
-    needed, timeout, retries = int(config["min-sites"]), float(config["round-timeout"]), int(config["round-retries"])
+    needed, timeout, retries = strategy.min_sites, float(config["round-timeout"]), int(config["round-retries"])
     for attempt in range(retries + 1):
         if wait_for_sites(grid, needed, timeout, progress) >= needed:
             validate = "dice" not in strategy.record.round(server_round - 1)
@@ -93,7 +93,10 @@ def run_federation(grid: Grid, config: dict[str, Any], progress: Callable[[str],
                    registered: Mapping[str, str] | None = None) -> RunRecord:
     """`num-server-rounds` rounds, each one message per site: validate the global model received
     (round 0: the untrained one), then train on it; a last message validates the final model.
-    With `resume`, continues the run in `run-dir` after its last saved global model."""
+    With `resume`, continues the run in `run-dir` after its last saved global model. A robust
+    aggregator that could leave no one out of `min-sites` sites is refused (AggregatorError) before
+    anything is written."""
+    check_aggregator(config)
     run_dir = Path(config["run-dir"] or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     if config["resume"]:
         record, checkpoint, done = RunRecord.resume(run_dir, config)
@@ -142,7 +145,10 @@ def build_server_app(overrides: Mapping[str, Any] | None = None, server_folder: 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         registered = read_site_names(server_folder) if server_folder is not None else {}
-        run_federation(grid, run_config({**dict(context.run_config), **dict(overrides or {})}), registered=registered)
+        try:
+            run_federation(grid, run_config({**dict(context.run_config), **dict(overrides or {})}), registered=registered)
+        except AggregatorError as err:  # a configuration mistake, said in one line; the run leaves no record
+            print(f"run not started: {err}", flush=True)
 
     return app
 

@@ -18,14 +18,56 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
 from common.array_codec import arrays_sha256
-from common.site_reply import VALIDATE_RECEIVED, SiteReply, pack, received_validation, weights_of
+from common.site_reply import VALIDATE_RECEIVED, ReplyError, SiteReply, claimed_name, pack, received_validation, weights_of
 from server.run_record import RunRecord
-from server.update_check import screen_updates
+from server.update_check import CLIP_RATIO, clip_bounds, median_of_others, screen_updates, update_norm
 
 log = logging.getLogger("fedseg.server")
 
 # Server-side optimiser moments of Flower's FedOpt family: what a resumed FedAdam needs back.
 STRATEGY_STATE = ("m_t", "v_t")
+# A site weighs at most this many times the median of the other sites' claimed counts (`capped_weights`).
+WEIGHT_CAP = 2.0
+
+
+class AggregatorError(ValueError):
+    """A robust aggregator configured so that it could leave no site out of a round: the run does not start."""
+
+
+def robust_need(config: Mapping[str, Any]) -> tuple[int, str]:
+    """The fewest updates from which the configured robust aggregator leaves out f = max(1,
+    byzantine-sites) sites, and its rule; (1, "") for the averaging strategies, which leave out no one."""
+    f = max(1, int(config["byzantine-sites"]))
+    name = config["strategy"]
+    if name == "fedmedian":
+        return 2 * f + 1, f"a coordinate-wise median outvotes {f} site(s) among at least 2f + 1"
+    if name == "krum":
+        return 2 * f + 3, f"Krum with {f} byzantine site(s) needs n > 2f + 2 sites"
+    if name == "fedtrimmedavg":
+        beta = float(config["trim-fraction"])
+        if not 0 < beta < 0.5:
+            raise AggregatorError(f"fedtrimmedavg: --trim-fraction must be in (0, 0.5), got {beta:g}")
+        n = math.ceil(f / beta)
+        n += int(beta * n) < f  # float rounding: int(0.2 * 5) may be 0.999... → 0
+        return n, f"the trimmed mean cuts int({beta:g} × n) sites per side: {f} from at least {n}"
+    return 1, ""
+
+
+def check_aggregator(config: Mapping[str, Any]) -> None:
+    """Refuses (AggregatorError) a robust aggregator that `min-sites` sites would leave untrimmed:
+    with fewer, Flower's FedTrimmedAvg trims nothing and Krum's guarantee is void, silently."""
+    needed, rule = robust_need(config)
+    if int(config["min-sites"]) < needed:
+        raise AggregatorError(f"{config['strategy']} leaves no site out of a round of {config['min-sites']} ({rule}): "
+                              f"set --min-sites to at least {needed}")
+
+
+def capped_weights(claims: Mapping[str, int], anchors: Mapping[str, int], cap: float = WEIGHT_CAP) -> dict[str, int]:
+    """Each site's weight in an average: its claimed count, at most its first weight in this run
+    (`anchors`: it cannot grow later, when others drop out) and at most `cap` × the median of the
+    other sites' claims this round (however much it claims, it weighs at most `cap` typical sites)."""
+    medians = median_of_others(claims)
+    return {site: min(claim, anchors.get(site, claim), math.floor(cap * medians.get(site, claim))) for site, claim in claims.items()}
 
 
 def build_strategy(config: dict[str, Any]) -> Strategy:
@@ -65,7 +107,8 @@ def message_bytes(msg: Message) -> int:
 
 
 class FederationStrategy(Strategy):
-    """Delegates the maths to a Flower strategy; records, screens and checkpoints around it."""
+    """Delegates the maths to a Flower strategy; around it, checks every reply against the protocol,
+    screens and clips updates, caps each site's weight, records and checkpoints."""
 
     def __init__(self, inner: Strategy, record: RunRecord, progress=print, registered: Mapping[str, str] | None = None) -> None:
         """`registered`: node id → site name, as the coordinator registered the sites' keys; replies
@@ -74,7 +117,8 @@ class FederationStrategy(Strategy):
         self.registered = dict(registered or {})
         record.site_nodes.update(self.registered)
         self.weight_key = str(getattr(inner, "weighted_by_key", "num-examples"))  # what Flower's averages weigh by
-        self.min_sites = int(record.config["min-sites"])
+        # Never fewer than the robust aggregator needs to leave anyone out (`check_aggregator` refuses such a run at start).
+        self.min_sites = max(int(record.config["min-sites"]), robust_need(record.config)[0])
         self.max_norm_ratio = float(record.config["max-update-norm-ratio"])
         self.sent: dict[str, np.ndarray] = {}
         self.asked: list[Message] = []
@@ -143,9 +187,13 @@ class FederationStrategy(Strategy):
             if msg.has_error():
                 self._failed(server_round, node, stage, "failed", msg.error.reason)
                 continue
-            reply = SiteReply.read(msg, f"node-{node}")
-            name = self.registered.get(str(node), f"node-{node}") if self.registered else reply.name
+            name = self.registered.get(str(node), f"node-{node}") if self.registered else claimed_name(msg, f"node-{node}")
             self.record.site_nodes[str(node)] = name
+            try:
+                reply = SiteReply.read(msg, train=stage == "train")
+            except ReplyError as err:  # nothing of it is recorded but the reason
+                self._failed(server_round, node, stage, "rejected", str(err))
+                continue
             if stage != "validation":  # a validation inside a train reply is not a message of its own
                 self.record.site(server_round, name)[f"{stage}_reply_bytes"] = message_bytes(msg)
             yield msg, name, reply.status, reply.reason, reply.metrics
@@ -155,8 +203,9 @@ class FederationStrategy(Strategy):
 
     def _failed(self, server_round: int, node: int, stage: str, what: str, reason: str) -> None:
         name = self.record.site_nodes.get(str(node), f"node-{node}")
-        reason = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", reason).split())  # Ray wraps a site's exception in colour codes
-        reason = reason.rsplit("Message: ", 1)[-1].rstrip("'>")[:300]
+        if what == "failed":  # Flower's error text: Ray wraps a site's exception in colour codes and a repr
+            reason = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", reason).split())
+            reason = reason.rsplit("Message: ", 1)[-1].rstrip("'>")[:300]
         status = f"{stage}_failed" if what == "failed" else what
         entry = self.record.site(server_round, name)
         if stage == "train" or entry.get("status", "ok") == "ok":  # a validation problem never hides the round's training problem
@@ -164,8 +213,9 @@ class FederationStrategy(Strategy):
         self.progress(f"  round {server_round} {name}: {status.replace('_', ' ')}: {reason}")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregates the usable updates, or returns (None, None) when fewer than `min-sites` are.
-        Closes the previous round first when the sites validated its global model in these replies."""
+        """Aggregates the usable updates (schema-checked, screened, clipped, weight-capped), or returns
+        (None, None) when fewer than `min_sites` are. Closes the previous round first when the sites
+        validated its global model in these replies."""
         replies = list(replies)
         if self.validating:
             requests = {m.metadata.message_id: m for m in self.asked}
@@ -180,23 +230,23 @@ class FederationStrategy(Strategy):
                          train_seconds=metric(m, "seconds"))
             if status != "ok":
                 self.progress(f"  round {server_round} {name}: did not train ({status}): {reason}")
-            elif "arrays" not in msg.content.array_records or entry["examples"] <= 0:
-                entry.update(status="rejected", reason="reply has no weights or no training examples")
-            else:
-                try:
-                    weights = weights_of(msg.content)
-                except ValueError as err:
-                    entry.update(status="rejected", reason=str(err))
-                    continue
-                msg.content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
-                # The digest the site's audit log names for this release: a privacy officer can match them.
-                entry["update_sha256"] = arrays_sha256(weights)
-                trained[name] = msg
+                continue
+            try:
+                weights = weights_of(msg.content)
+            except ValueError as err:
+                entry.update(status="rejected", reason=str(err))
+                continue
+            msg.content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+            # The digest the site's audit log names for this release: a privacy officer can match them.
+            entry["update_sha256"] = arrays_sha256(weights)
+            trained[name] = msg
         rejected = screen_updates({n: m.content["arrays"] for n, m in trained.items()}, self.sent, self.max_norm_ratio)
         for name, reason in rejected.items():
             self.record.site(server_round, name).update(status="rejected", reason=reason)
             self.progress(f"  round {server_round} {name}: update rejected, left out of the average: {reason}")
             del trained[name]
+        self._clip(server_round, trained)
+        self._weigh(server_round, trained, "weight")
         for name in trained:
             s = self.record.site(server_round, name)
             self.progress(f"  round {server_round} {name}: trained, patient-level ε {s['epsilon']:.2f}, σ {s['noise_multiplier']:.2f}, "
@@ -213,7 +263,7 @@ class FederationStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message], stage: str = "evaluate") -> MetricRecord | None:
         """Records each site's validation (absent metrics as NaN); averages the replies that carry a
         Dice and a count to weigh it by, so one minimal or refusing site cannot stop the round."""
-        valid = []
+        valid: dict[str, Message] = {}
         for msg, name, status, reason, m in self._site_replies(server_round, replies, stage):
             entry = self.record.site(server_round, name)
             entry.update(val_dice=metric(m, "dice"), val_iou=metric(m, "iou"), val_hd95_mm=metric(m, "hd95"),
@@ -221,25 +271,54 @@ class FederationStrategy(Strategy):
                          val_dice_per_class=[metric(m, k) for k in sorted(m) if k.startswith("dice-class")])
             if "epsilon" in m:  # a refused validation leaves the round's training ε as it was
                 entry["epsilon"] = metric(m, "epsilon")
-            problem = (status, reason) if status != "ok" else None  # a refusal or failure, in the site's own words
-            if problem is None and "dice" not in m:
-                problem = ("rejected", "validation reply has no dice")
-            elif problem is None and entry["val_slices"] <= 0:  # weight 0: Flower's weighted average would divide by zero
-                problem = ("rejected", f"validation reply has no {self.weight_key} to weigh it by")
-            if problem is None:
+            if status == "ok":  # the schema made sure it carries a Dice and a count to weigh it by
                 entry.setdefault("status", "ok")
-                valid.append(msg)
+                valid[name] = msg
                 continue
             if entry.get("status", "ok") == "ok":  # a training problem this round stays the one recorded
-                entry.update(status=problem[0], reason=problem[1])
-            self.progress(f"  round {server_round} {name}: validation left out of the average ({problem[0]}): {problem[1]}")
-        metrics = self.inner.aggregate_evaluate(server_round, self._harmonised(valid)) if valid else None
+                entry.update(status=status, reason=reason)
+            self.progress(f"  round {server_round} {name}: validation left out of the average ({status}): {reason}")
+        self._weigh(server_round, valid, "val_weight")
+        metrics = self.inner.aggregate_evaluate(server_round, self._harmonised(list(valid.values()))) if valid else None
         dice = float(metrics["dice"]) if metrics is not None and "dice" in metrics else math.nan
         self.record.close_round(server_round, dice)
         sites = self.record.round(server_round)["sites"]
         detail = ", ".join(f"{n} {s['val_dice']:.3f}" for n, s in sorted(sites.items()) if not math.isnan(s.get("val_dice", math.nan)))
         self.progress(f"round {server_round}: aggregated validation Dice {dice:.3f} ({detail})")
         return metrics
+
+    def _clip(self, server_round: int, trained: dict[str, Message]) -> None:
+        """Scales each update longer than CLIP_RATIO × the median of the other sites' down to that
+        bound (direction kept): an update steering the model from just under the rejection limit
+        then moves it no further than an honest site may."""
+        norms = {name: update_norm(msg.content["arrays"], self.sent) for name, msg in trained.items()}
+        for name, norm in norms.items():
+            self.record.site(server_round, name)["update_norm"] = norm
+        for name, bound in clip_bounds(norms).items():
+            factor = bound / norms[name]
+            trained[name].content["arrays"] = ArrayRecord({
+                k: Array(np.ascontiguousarray((self.sent[k] + factor * (a.numpy() - self.sent[k])).astype(self.sent[k].dtype)))
+                for k, a in trained[name].content["arrays"].items()})
+            self.record.site(server_round, name)["clipped_to"] = bound
+            self.progress(f"  round {server_round} {name}: update norm {norms[name]:.3g} scaled down to {bound:.3g} "
+                          f"({CLIP_RATIO:g}x the median of the other sites')")
+
+    def _weigh(self, server_round: int, replies: dict[str, Message], field: str) -> None:
+        """Sets each reply's weight (its `weight_key` metric, what Flower averages by) to its
+        `capped_weights` value and records it as `field`; a site's first such value in the run anchors it."""
+        claims = {name: int(msg.content["metrics"][self.weight_key]) for name, msg in replies.items()}
+        anchors = {name: w for name in replies if (w := self._first(server_round, name, field)) is not None}
+        for name, weight in capped_weights(claims, anchors).items():
+            replies[name].content["metrics"][self.weight_key] = weight
+            self.record.site(server_round, name)[field] = weight
+            if weight < claims[name]:
+                self.progress(f"  round {server_round} {name}: weighs {weight}, not the {claims[name]} it claims "
+                              f"(at most its first weight in the run and {WEIGHT_CAP:g}x the median of the other sites' claims)")
+
+    def _first(self, server_round: int, name: str, field: str) -> int | None:
+        """The site's `field` in the earliest round before `server_round` that has it."""
+        return next((r["sites"][name][field] for k, r in sorted(self.record.rounds.items())
+                     if k < server_round and field in r["sites"].get(name, {})), None)
 
     def _harmonised(self, replies: list[Message]) -> list[Message]:
         """The replies with one MetricRecord each, holding only the metrics every one of them has:

@@ -14,9 +14,13 @@ The SuperLink's working directory is the server folder, so a run's relative `run
 
 from __future__ import annotations
 
+import fcntl
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, NoReturn
 
 import tomli_w
 
@@ -89,10 +93,38 @@ def superlink_command(folder: ServerFolder, port: int, insecure: bool) -> list[s
                       "--ssl-keyfile", str(certs.server_key.resolve()), "--enable-supernode-auth"]
 
 
+@dataclass
+class Server:
+    """A running server: its two daemons, the lock that keeps a second one off its folder, and the
+    edge's spool folder for large request bodies."""
+
+    superlink: FlowerProcess
+    edge: FlowerProcess
+    lock: IO[bytes]
+    spool: Path
+
+    def close(self) -> None:
+        """After both daemons have stopped: remove the spool, free the folder."""
+        shutil.rmtree(self.spool, ignore_errors=True)
+        self.lock.close()
+
+
+def _lock(folder: ServerFolder) -> IO[bytes]:
+    """One server per folder: two SuperLinks on one state.db would each hand out the other's runs."""
+    folder.root.mkdir(parents=True, exist_ok=True)
+    handle = (folder.root / ".lock").open("ab")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ServerStartError(f"another `fedseg server` is running on {folder.root}; stop it first") from None
+    return handle
+
+
 def start_server(folder: ServerFolder, host: str, port: int, insecure: bool, allow: Sequence[str] = (),
-                 local_port: int | None = None, verbose: bool = False) -> tuple[FlowerProcess, FlowerProcess]:
-    """Start the SuperLink on loopback and the edge on `host:port`; return (superlink, edge) once both
-    accept connections. Raises ServerStartError / EdgeError saying what to do."""
+                 local_port: int | None = None, verbose: bool = False) -> Server:
+    """Start the SuperLink on loopback and the edge on `host:port`; return once both accept
+    connections. Raises ServerStartError / EdgeError saying what to do."""
     if not insecure and (missing := folder.certs.missing()):
         raise ServerStartError(f"no TLS certificates for the server: missing {', '.join(map(str, missing))}.\n"
                                f"Create them with: fedseg certs {folder.root} --hostname <name or IP the sites will dial>\n"
@@ -105,15 +137,22 @@ def start_server(folder: ServerFolder, host: str, port: int, insecure: bool, all
         if port_open(where, number):
             raise ServerStartError(f"port {number} on {where} is already in use (another server?); "
                                    "choose another with --port / --local-port")
-    folder.root.mkdir(parents=True, exist_ok=True)
+    lock = _lock(folder)
+    spool = Path(tempfile.mkdtemp(prefix="fedseg-edge-"))
     write_connection(folder, local_port, insecure)
-    superlink = FlowerProcess(superlink_command(folder, local_port, insecure), folder.env(), folder.root, folder.log_file, verbose)
-    if not wait_for_port(superlink, LOOPBACK, local_port):
-        superlink.stop()
-        raise ServerStartError(f"the SuperLink did not start (see {folder.log_file}):\n{superlink.output_tail(8)}")
-    edge = start_edge(folder.root, host, port, local_port, insecure, networks, folder.env(), verbose)
-    if not wait_for_port(edge, probe, port, timeout=20):
-        edge.stop()
-        superlink.stop()
-        raise ServerStartError(f"the edge (nginx) did not start on {host}:{port}:\n{edge.output_tail(8)}")
-    return superlink, edge
+    started: list[FlowerProcess] = []
+
+    def give_up(why: str) -> NoReturn:
+        for proc in reversed(started):
+            proc.stop()
+        shutil.rmtree(spool, ignore_errors=True)
+        lock.close()
+        raise ServerStartError(why)
+
+    started.append(FlowerProcess(superlink_command(folder, local_port, insecure), folder.env(), folder.root, folder.log_file, verbose))
+    if not wait_for_port(started[0], LOOPBACK, local_port):
+        give_up(f"the SuperLink did not start (see {folder.log_file}):\n{started[0].output_tail(8)}")
+    started.append(start_edge(folder.root, host, port, local_port, insecure, networks, spool, folder.env(), verbose))
+    if not wait_for_port(started[1], probe, port, timeout=20):
+        give_up(f"the edge (nginx) did not start on {host}:{port}:\n{started[1].output_tail(8)}")
+    return Server(started[0], started[1], lock, spool)

@@ -8,6 +8,9 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import ArrayRecord
 
+# An update longer than this many times the median of the other sites' is scaled down to it (`clip_bounds`).
+CLIP_RATIO = 3.0
+
 
 def malformed(arrays: ArrayRecord, global_arrays: Mapping[str, np.ndarray]) -> str | None:
     """Why these arrays cannot be averaged into the global model, or None if they can."""
@@ -33,6 +36,18 @@ def malformed(arrays: ArrayRecord, global_arrays: Mapping[str, np.ndarray]) -> s
     return None
 
 
+def median_of_others(values: Mapping[str, float]) -> dict[str, float]:
+    """Per site, the median of the *other* sites' values (a site cannot move its own yardstick);
+    only sites that have others."""
+    return {site: float(np.median([v for s, v in values.items() if s != site])) for site in values if len(values) > 1}
+
+
+def clip_bounds(norms: Mapping[str, float], ratio: float = CLIP_RATIO) -> dict[str, float]:
+    """The norm each too-long update is scaled down to: `ratio` × the median of the other sites'
+    update norms. Sites not named keep their update as sent."""
+    return {site: ratio * median for site, median in median_of_others(norms).items() if norms[site] > ratio * median}
+
+
 def update_norm(arrays: ArrayRecord, global_arrays: Mapping[str, np.ndarray]) -> float:
     """L2 norm of the site's change to the global model, over all arrays."""
     return float(np.sqrt(sum(float(np.sum((a.numpy().astype(np.float64) - global_arrays[k]) ** 2)) for k, a in arrays.items())))
@@ -52,9 +67,9 @@ def screen_updates(updates: Mapping[str, ArrayRecord], global_arrays: Mapping[st
             rejected[site] = reason
         else:
             norms[site] = update_norm(arrays, global_arrays)
-    if max_norm_ratio > 0 and len(norms) >= 2:
-        for site, norm in norms.items():
-            others = float(np.median([n for s, n in norms.items() if s != site]))
+    if max_norm_ratio > 0:
+        for site, others in median_of_others(norms).items():
+            norm = norms[site]
             if norm > max_norm_ratio * max(others, 1e-12):
                 rejected[site] = (f"update norm {norm:.3g} is {norm / max(others, 1e-12):.0f}x the median of the other "
                                   f"sites' ({others:.3g}); the limit is {max_norm_ratio:g}x")

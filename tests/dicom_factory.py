@@ -91,3 +91,21 @@ def blob_volume(shape=(6, 24, 24), seed: int = 0) -> tuple[np.ndarray, np.ndarra
     mask[3, 10:13, 10:13] = 2
     image[mask == 1] += 300
     return image, mask
+
+
+def rewrite(path: Path, **attributes) -> None:
+    """Set header attributes of a file in place (values as a hostile or broken exporter writes them)."""
+    ds = pydicom.dcmread(path, force=True)
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path, enforce_file_format=False)
+
+
+def write_float_pixels(path: Path, values: np.ndarray) -> None:
+    """Replace a slice's integer pixel data with 32-bit Float Pixel Data holding `values`."""
+    ds = pydicom.dcmread(path, force=True)
+    for keyword in ("PixelData", "BitsStored", "HighBit", "PixelRepresentation", "RescaleSlope", "RescaleIntercept"):
+        delattr(ds, keyword)
+    ds.BitsAllocated = 32
+    ds.FloatPixelData = values.astype("<f4").tobytes()
+    ds.save_as(path, enforce_file_format=False)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import http.client
 import ssl
+import tempfile
+import time
 import tomllib
 from pathlib import Path
 
@@ -24,14 +26,14 @@ NOT_SERVED = ["/v1/control/list-runs", "/v1/control/register-node", "/v1/runtime
               "/v1/fleet/..%2fcontrol/list-runs", "//v1/control/list-runs", "/v1/fleetx/get-run"]
 
 
-def _post(port: int, path: str, ca: Path | None) -> tuple[int, bytes]:
+def _post(port: int, path: str, ca: Path | None, body: bytes = b"") -> tuple[int, bytes]:
     """POST `path` exactly as written (no client-side normalisation), as a raw peer would."""
     if ca is None:
         conn = http.client.HTTPConnection(PUBLIC, port, timeout=10)
     else:
         conn = http.client.HTTPSConnection(PUBLIC, port, timeout=10, context=ssl.create_default_context(cafile=str(ca)))
     try:
-        conn.request("POST", path, body=b"", headers={"Content-Type": "application/protobuf"})
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/protobuf"})
         response = conn.getresponse()
         return response.status, response.read()
     finally:
@@ -63,6 +65,11 @@ def test_only_the_fleet_api_faces_the_network_and_the_coordinator_works_locally(
         # A Fleet route reaches the SuperLink (which rejects the empty request itself, not the edge).
         status, body = _post(port, "/v1/fleet/get-run", ca)
         assert status != 404 and REFUSED not in body, (status, body[:200])
+        # So does a model-sized body (spooled to disk by nginx's workers, another user when run as root) ...
+        status, body = _post(port, "/v1/fleet/push-object", ca, bytes(6 * 2**20))
+        assert status == 400 and b"Invalid protobuf" in body, (status, body[:200])  # ... where Flower refuses it (not nginx: 500)
+        # ... but not one over the edge's limit.
+        assert _post(port, "/v1/fleet/push-object", ca, bytes(17 * 2**20))[0] == 413
         # The SuperLink itself listens on loopback only, where the coordinator's commands reach it.
         local = tomllib.loads(ServerFolder(coordinator / "coordinator").connection_file.read_text())["superlink"]["fedseg"]
         host, local_port = local["address"].rsplit(":", 1)
@@ -83,10 +90,41 @@ def test_the_allow_list_turns_away_every_other_network(coordinator):
         assert not server.stop(), "processes left behind"
 
 
-def test_a_server_without_nginx_says_how_to_install_it_and_starts_nothing(coordinator, monkeypatch):
+@pytest.mark.parametrize("network", ["10.0.0.300/8", "192.168.1.10/24", "fe80::%eth0/64", "10.0.0.0/8; allow all"])
+def test_a_wrong_allow_list_is_refused_before_anything_starts(coordinator, network):
+    bad = fedseg("server", "coordinator", "--host", PUBLIC, "--port", str(free_port(PUBLIC)), "--allow", network, cwd=coordinator)
+    assert bad.returncode != 0 and "--allow takes networks" in bad.stderr, bad.stdout + bad.stderr
+    assert not (coordinator / "coordinator" / "state.db").exists()  # refused before the SuperLink started
+
+
+def test_a_server_without_nginx_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(edge.shutil, "which", lambda *a, **k: None)
     with pytest.raises(edge.EdgeError, match="apt-get install nginx"):
         edge.find_nginx()
-    bad = fedseg("server", "coordinator", "--host", PUBLIC, "--port", str(free_port(PUBLIC)), "--allow", "10.0.0.300/8", cwd=coordinator)
-    assert bad.returncode != 0 and "--allow takes networks" in bad.stderr
-    assert not (coordinator / "coordinator" / "state.db").exists()  # refused before the SuperLink started
+
+
+def test_one_server_per_folder_and_none_outlives_a_killed_fedseg(tmp_path):
+    """A second server on the same state.db is refused; SIGKILL of `fedseg server` (no chance to
+    clean up) still takes the SuperLink and nginx down with it, and the folder can serve again."""
+    require_nginx()
+    spools = set(Path(tempfile.gettempdir()).glob("fedseg-edge-*"))
+    root = tmp_path / "a folder with spaces"  # nginx's config quotes every path
+    root.mkdir()
+    assert fedseg("certs", "coordinator", "--hostname", PUBLIC, cwd=root).returncode == 0
+    server, port = _serve(root)
+    try:
+        second = fedseg("server", "coordinator", "--host", PUBLIC, "--port", str(free_port(PUBLIC)), cwd=root)
+        assert second.returncode != 0 and "another `fedseg server` is running" in second.stderr, second.stderr
+        assert server.group(), "the server's daemons are running"
+        server.proc.kill()
+        deadline = time.monotonic() + 30
+        while server.group() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not server.group(), "daemons outlived fedseg"
+        assert not port_open(PUBLIC, port)
+        again, _ = _serve(root)
+        assert not again.stop(), "processes left behind"
+    finally:
+        server.stop()
+        for left in set(Path(tempfile.gettempdir()).glob("fedseg-edge-*")) - spools:  # the killed server's, empty
+            left.rmdir()

@@ -40,10 +40,18 @@ def _files(root: Path) -> set[Path]:
 
 # --- the name rule -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, name", [("1.2.840.1", "1.2.840.1"), (ESCAPE, "1.2_.._.._.._.._escaped"),
-                                        ("Test^P 1", "Test_P_1"), (".hidden", "_hidden"), ("../x", "_._x")])
+@pytest.mark.parametrize("text, name", [("1.2.840.1", "1.2.840.1"), (ESCAPE, "1.2_.._.._.._.._escaped-"),
+                                        ("Test^P 1", "Test_P_1-"), (".hidden", "_hidden-"), ("../x", "_._x-")])
 def test_safe_name_keeps_real_uids_and_flattens_everything_else_to_one_component(text, name):
-    assert safe_name(text) == name
+    cleaned = safe_name(text)
+    assert cleaned.startswith(name) and "/" not in cleaned
+    assert cleaned == text or len(cleaned) == len(name) + 10  # a changed name carries a hash of the text
+
+
+def test_two_texts_never_clean_to_the_same_name():
+    """`P/1` and `P?1` would both be `P_1`: one patient's prediction would overwrite the other's."""
+    texts = ["P/1", "P?1", "P_1", "1.2.3/4", "1.2.3?4", "éééé", "ßßßß"]
+    assert len({safe_name(t) for t in texts}) == len(texts)
 
 
 @pytest.mark.parametrize("text", ["", ".", "..", "...", "9" * 129])
@@ -88,7 +96,7 @@ def test_predict_writes_a_hostile_series_uid_under_a_sanitised_name_inside_out(t
 
     written = _files(tmp_path) - before
     assert written and all(p.is_relative_to(out) for p in written), sorted(map(str, written))
-    stem = out / "_._.._.._.._pwned" / "1.2_.._.._.._.._escaped"
+    stem = out / safe_name("../../../../pwned") / safe_name(ESCAPE)
     assert {p.name for p in written} == {f"{stem.name}.seg.dcm", f"{stem.name}.nii.gz", f"{stem.name}.png"}
     assert [r.seg for r in results] == [Path(f"{stem}.seg.dcm").resolve()]
     assert pydicom.dcmread(results[0].seg).ReferencedSeriesSequence[0].SeriesInstanceUID == ESCAPE
@@ -184,7 +192,7 @@ def test_pull_from_a_hostile_server_keeps_everything_inside_the_folder_and_says_
         counts = pull(url, folder, None, progress=lines.append)
 
     assert all(p.is_relative_to(folder) for p in _files(tmp_path)), sorted(map(str, _files(tmp_path)))
-    assert {p.relative_to(folder).as_posix() for p in _files(tmp_path)} == {"1.5/1.6/1.5.1.dcm", "1.5/1.6/_._.._.._.._escaped2.dcm"}
+    assert {p.relative_to(folder).as_posix() for p in _files(tmp_path)} == {"1.5/1.6/1.5.1.dcm", f"1.5/1.6/{safe_name('../../../../escaped2')}.dcm"}
     assert not any(".." in p for p in asked)  # the escaping study was never even asked for
     assert (counts.fetched, counts.refused) == (2, 4)
     text = "\n".join(lines)

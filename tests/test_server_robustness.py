@@ -14,7 +14,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageTy
 from common.config import run_config
 from common.site_reply import pack, reply_content, unpack, weights_content
 from server.run_record import ResumeError, RunRecord, run_status
-from server.strategy import FederationStrategy, build_strategy
+from server.server_app import run_federation
+from server.strategy import AggregatorError, FederationStrategy, build_strategy, check_aggregator
 from server.update_check import screen_updates
 
 GLOBAL = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
@@ -34,11 +35,11 @@ def _ask(node: int) -> Message:
     return ask
 
 
-def _reply(node: int, name: str, arrays: ArrayRecord | None, examples: int = 10, status: str = "ok") -> Message:
+def _reply(node: int, name: str, arrays: ArrayRecord | None, examples: int = 10, status: str = "ok", reason: str = "") -> Message:
     ask = _ask(node)
     content = RecordDict({"metrics": MetricRecord({"num-examples": examples, "train-loss": 0.5, "epsilon": 1.0,
                                                    "noise-multiplier": 1.0, "steps": 4}),
-                          "site": ConfigRecord({"name": name, "status": status, "reason": ""})})
+                          "site": ConfigRecord({"name": name, "status": status, "reason": reason})})
     if arrays is not None:
         weights_content(content, {k: a.numpy() for k, a in arrays.items()})  # packed, as a courier sends them
     return Message(content=content, reply_to=ask)
@@ -67,25 +68,25 @@ def test_screening_rejects_malformed_and_extreme_updates_and_passes_the_rest():
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedmedian", "fedtrimmedavg", "krum"])
 def test_a_round_survives_bad_sites_with_every_aggregator(tmp_path, strategy):
-    config = run_config({"strategy": strategy, "min-sites": 2, "byzantine-sites": 1, "run-dir": str(tmp_path)})
+    config = run_config({"strategy": strategy, "min-sites": 5, "byzantine-sites": 1, "run-dir": str(tmp_path)})
     record = RunRecord(tmp_path, config)
     fed = FederationStrategy(build_strategy(config), record, progress=lambda _: None)
     fed.sent = dict(GLOBAL)
-    fed.asked = [_ask(n) for n in range(1, 8)]
+    fed.asked = [_ask(n) for n in range(1, 10)]
     # The SuperLink answers for a dead node itself: the error's source is the SuperLink (node 1 here too).
-    dead = Message(Error(code=5, reason="Node unavailable"), reply_to=fed.asked[5])
+    dead = Message(Error(code=5, reason="Node unavailable"), reply_to=fed.asked[7])
     dead.metadata.__dict__["_src_node_id"] = 1
-    replies = [_reply(1, "a", _arrays(0.01)), _reply(2, "b", _arrays(0.012)), _reply(3, "c", _arrays(0.011)),
-               _reply(4, "nan", _arrays(0.0, w=np.full((4, 3), np.nan, np.float32))),
-               _reply(5, "broke", None, status="budget_exhausted"), dead]  # node 7 never answers
+    honest = [_reply(n, name, _arrays(step)) for n, name, step in ((1, "a", 0.01), (2, "b", 0.012), (3, "c", 0.011), (4, "d", 0.01), (5, "e", 0.011))]
+    replies = [*honest, _reply(6, "nan", _arrays(0.0, w=np.full((4, 3), np.nan, np.float32))),
+               _reply(7, "broke", None, status="refused", reason="budget_exhausted"), dead]  # node 9 never answers
     arrays, _ = fed.aggregate_train(1, replies)
     result = [a.numpy() for a in arrays.values()]
     assert all(np.isfinite(r).all() for r in result)
     assert all(0.009 <= float(r.mean()) <= 0.013 for r in result)  # only the honest changes
     sites = record.round(1)["sites"]
     assert {n: s["status"] for n, s in sites.items()} == {
-        "a": "ok", "b": "ok", "c": "ok", "nan": "rejected", "broke": "budget_exhausted", "node-6": "train_failed", "node-7": "no_reply"}
-    assert "Node unavailable" in sites["node-6"]["reason"] and "round timeout" in sites["node-7"]["reason"]
+        **dict.fromkeys("abcde", "ok"), "nan": "rejected", "broke": "refused", "node-8": "train_failed", "node-9": "no_reply"}
+    assert "Node unavailable" in sites["node-8"]["reason"] and "round timeout" in sites["node-9"]["reason"]
     assert (tmp_path / "checkpoints" / "global_model-round001.pt").is_file()
 
 
@@ -213,20 +214,20 @@ def test_minimal_validation_replies_are_averaged_and_one_without_dice_is_rejecte
     fed = FederationStrategy(build_strategy(config), record, progress=lambda _: None)
     fed.asked = [_ask(n) for n in range(1, 6)]
     replies = [_validation(1, "full", dice=0.8, iou=0.7, hd95=5.0, epsilon=1.0, **{"num-examples": 10}),
-               _validation(2, "minimal", dice=0.6, **{"num-examples": 30}),  # no iou, hd95 nor ε
+               _validation(2, "minimal", dice=0.6, **{"num-examples": 20}),  # no iou, hd95 nor ε
                _validation(3, "no-dice", iou=0.9, hd95=1.0, **{"num-examples": 100}),
                _validation(4, "no-count", dice=0.1),
                _validation(5, "refused", status="refused")]
     metrics = fed.aggregate_evaluate(1, replies)
-    assert metrics["dice"] == pytest.approx((0.8 * 10 + 0.6 * 30) / 40)  # weighted by num-examples
+    assert metrics["dice"] == pytest.approx((0.8 * 10 + 0.6 * 20) / 30)  # weighted by num-examples
     assert "iou" not in metrics and "hd95" not in metrics  # only what every averaged site sent
-    assert record.round(1)["dice"] == pytest.approx(0.65)
+    assert record.round(1)["dice"] == pytest.approx(2 / 3)
     sites = record.round(1)["sites"]
     assert {n: s["status"] for n, s in sites.items()} == {
         "full": "ok", "minimal": "ok", "no-dice": "rejected", "no-count": "rejected", "refused": "refused"}
-    assert sites["no-dice"]["reason"] == "validation reply has no dice" and "num-examples" in sites["no-count"]["reason"]
+    assert sites["no-dice"]["reason"] == "validation reply has no dice" and sites["no-count"]["reason"] == "validation reply has no num-examples"
     assert math.isnan(sites["minimal"]["val_iou"]) and math.isnan(sites["minimal"]["val_hd95_mm"]) and "epsilon" not in sites["minimal"]
-    assert sites["minimal"]["val_slices"] == 30 and sites["no-count"]["val_slices"] == 0
+    assert sites["minimal"]["val_slices"] == 20 and "val_slices" not in sites["no-count"]  # a reply that breaks the schema: only its reason
     # With no usable reply at all the round closes unvalidated, without an error.
     assert fed.aggregate_evaluate(2, [_validation(3, "no-dice", iou=0.9, **{"num-examples": 10})]) is None
     assert math.isnan(record.round(2)["dice"])
@@ -236,9 +237,9 @@ def test_a_validation_refusal_does_not_hide_the_rounds_training_problem(tmp_path
     record = RunRecord(tmp_path, run_config({"run-dir": str(tmp_path)}))
     fed = FederationStrategy(build_strategy(record.config), record, progress=lambda _: None)
     fed.asked = [_ask(1)]
-    record.site(1, "broke").update(status="budget_exhausted", reason="budget_exhausted")
-    fed.aggregate_evaluate(1, [_validation(1, "broke", status="refused")])
-    assert record.round(1)["sites"]["broke"]["status"] == "budget_exhausted"
+    record.site(1, "broke").update(status="refused", reason="budget_exhausted")
+    fed.aggregate_evaluate(1, [_validation(1, "broke", status="error")])
+    assert record.round(1)["sites"]["broke"]["reason"] == "budget_exhausted"
 
 
 def test_train_replies_without_steps_seconds_or_loss_are_still_averaged(tmp_path):
@@ -246,11 +247,11 @@ def test_train_replies_without_steps_seconds_or_loss_are_still_averaged(tmp_path
     record = RunRecord(tmp_path, config)
     fed = FederationStrategy(build_strategy(config), record, progress=lambda _: None)
     fed.sent, fed.asked = dict(GLOBAL), [_ask(1), _ask(2)]
-    minimal = Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 30}),
+    minimal = Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 20}),
                                           "site": ConfigRecord({"name": "minimal", "status": "ok", "reason": ""})}), reply_to=_ask(2))
     weights_content(minimal.content, {k: a.numpy() for k, a in _arrays(0.02).items()})
     arrays, _ = fed.aggregate_train(1, [_reply(1, "full", _arrays(0.01)), minimal])
-    np.testing.assert_allclose(arrays["b"].numpy(), np.full(3, (0.01 * 10 + 0.02 * 30) / 40, np.float32), rtol=1e-5)
+    np.testing.assert_allclose(arrays["b"].numpy(), np.full(3, (0.01 * 10 + 0.02 * 20) / 30, np.float32), rtol=1e-5)
     site = record.round(1)["sites"]["minimal"]
     assert site["status"] == "ok" and site["steps"] == 0 and math.isnan(site["train_loss"]) and math.isnan(site["train_seconds"])
 
@@ -277,3 +278,135 @@ def test_packed_weights_round_trip_and_a_lying_layout_is_rejected_not_a_crash(tm
     arrays, _ = fed.aggregate_train(1, [_reply(1, "honest", _arrays(0.01)), liar])
     assert arrays is not None and fed.record.round(1)["sites"]["liar"]["status"] == "rejected"
     assert "layout asks for more values" in fed.record.round(1)["sites"]["liar"]["reason"]
+
+
+def _federation(tmp_path, sites: int, **settings) -> FederationStrategy:
+    """A strategy that asked nodes 1..`sites` to train on GLOBAL."""
+    config = run_config({"min-sites": sites, "run-dir": str(tmp_path), **settings})
+    fed = FederationStrategy(build_strategy(config), RunRecord(tmp_path, config), progress=lambda _: None)
+    fed.sent, fed.asked = dict(GLOBAL), [_ask(n) for n in range(1, sites + 1)]
+    return fed
+
+
+def test_a_site_cannot_weigh_more_than_its_claims_allow(tmp_path):
+    """10^9 patients is refused by the schema; a claim within it weighs at most 2x the median of the
+    other sites' claims, and never more than the site's first weight in the run."""
+    fed = _federation(tmp_path, 5, **{"min-sites": 3})
+    honest = lambda: [_reply(n, f"h{n}", _arrays(0.01), examples=40) for n in (1, 2, 3)]  # noqa: E731
+    arrays, _ = fed.aggregate_train(1, [*honest(), _reply(4, "liar", _arrays(0.03), examples=10**9),
+                                        _reply(5, "sleeper", _arrays(0.01), examples=10)])
+    liar = fed.record.round(1)["sites"]["liar"]
+    assert (liar["status"], liar["reason"]) == ("rejected", "train reply has num-examples 1000000000, outside [1, 1e+06]")
+    np.testing.assert_allclose(arrays["b"].numpy(), 0.01, rtol=1e-5)  # the round went on without it
+    arrays, _ = fed.aggregate_train(2, [*honest(), _reply(4, "liar", _arrays(0.03), examples=900_000),
+                                        _reply(5, "sleeper", _arrays(0.03), examples=900_000)])
+    sites = fed.record.round(2)["sites"]
+    assert (sites["liar"]["weight"], sites["liar"]["examples"], sites["sleeper"]["weight"]) == (80, 900_000, 10)
+    np.testing.assert_allclose(arrays["b"].numpy(), (0.01 * 120 + 0.03 * 80 + 0.03 * 10) / 210, rtol=1e-5)
+
+
+def test_a_steering_update_just_under_the_rejection_limit_is_scaled_down(tmp_path):
+    """9.5x the others' median norm passes the 10x screen, but counts only as 3x: scaled, not reversed."""
+    fed = _federation(tmp_path, 5)
+    honest = [_reply(n, f"h{n}", _arrays(0.01)) for n in (1, 2, 3, 4)]
+    arrays, _ = fed.aggregate_train(1, [*honest, _reply(5, "steer", _arrays(-0.095))])
+    steer, median = fed.record.round(1)["sites"]["steer"], 0.01 * math.sqrt(15)
+    assert steer["status"] == "ok"
+    assert steer["update_norm"] == pytest.approx(9.5 * median, rel=1e-5) and steer["clipped_to"] == pytest.approx(3 * median)
+    np.testing.assert_allclose(arrays["w"].numpy(), (4 * 0.01 - 0.03) / 5, atol=1e-6)  # unclipped: -0.011
+    assert "clipped_to" not in fed.record.round(1)["sites"]["h1"]
+
+
+DROP = object()  # a `_broken` value: delete the key
+
+
+def _broken(content: RecordDict, where: str, key: str, value) -> RecordDict:
+    """`content` with one protocol violation: `key` of its `where` record ("" for a record itself) set to `value`."""
+    target = content[where] if where else content
+    if value is DROP:
+        del target[key]
+    else:
+        target[key] = value
+    return content
+
+
+@pytest.mark.parametrize("where, key, value, reason", [
+    ("metrics", "num-examples", DROP, "train reply has no num-examples"),
+    ("metrics", "num-examples", 10.0, "train reply has num-examples of type float, not an integer"),
+    ("metrics", "num-examples", 0, "train reply has num-examples 0, outside [1, 1e+06]"),
+    ("metrics", "epsilon", -1.0, "train reply has epsilon -1.0, outside [0, inf]"),
+    ("metrics", "noise-multiplier", math.nan, "train reply has noise-multiplier nan, outside [0, 100]"),
+    ("metrics", "epsilon", [1.0, 2.0], "train reply has epsilon of type list, not a number"),
+    ("metrics", "gradient-norm", 1.0, "train reply has an unexpected metric 'gradient-norm'"),
+    ("site", "role", "admin", "train reply has an unexpected site key 'role'"),
+    ("site", "status", "accepted", "train reply has status 'accepted', not one of ok, refused, error, rejected"),
+    ("site", "status", b"ok", "train reply has a site status that is not printable text of at most 300 characters"),
+    ("site", "reason", "\x1b[2J", "train reply has a site reason that is not printable text of at most 300 characters"),
+    ("", "debug", ConfigRecord({"x": 1}), "train reply has an unexpected config record 'debug'"),
+    ("", "site", DROP, "train reply has no site record"),
+    ("", "arrays", DROP, "train reply has no weights"),
+])
+def test_a_train_reply_that_breaks_the_schema_is_rejected_with_the_reason_and_the_round_goes_on(tmp_path, where, key, value, reason):
+    fed = _federation(tmp_path, 3, **{"min-sites": 2})
+    bad = _reply(3, "bad", _arrays(0.5))
+    _broken(bad.content, where, key, value)
+    arrays, _ = fed.aggregate_train(1, [_reply(1, "a", _arrays(0.01)), _reply(2, "b", _arrays(0.01)), bad])
+    np.testing.assert_allclose(arrays["b"].numpy(), 0.01, rtol=1e-5)
+    entry = fed.record.round(1)["sites"]["node-3" if key == "site" else "bad"]  # without a site record: named by its node
+    assert entry == {"status": "rejected", "reason": reason}  # nothing else of it is recorded
+
+
+@pytest.mark.parametrize("where, key, value, reason", [
+    ("metrics", "dice", DROP, "validation reply has no dice"),
+    ("metrics", "dice", 1.5, "validation reply has dice 1.5, outside [0, 1]"),
+    ("metrics", "dice", math.nan, "validation reply has dice nan, outside [0, 1]"),
+    ("metrics", "num-examples", DROP, "validation reply has no num-examples"),
+    ("metrics", "num-examples", -3, "validation reply has num-examples -3, outside [1, 1e+06]"),
+    ("metrics", "hd95", -1.0, "validation reply has hd95 -1.0, outside [0, 1e+06]"),
+    ("metrics", "dice-class0", 0.5, "validation reply has an unexpected metric 'dice-class0'"),
+    ("metrics", "noise-multiplier", 1.0, "validation reply has an unexpected metric 'noise-multiplier'"),
+    ("site", "status", "", "validation reply has status '', not one of ok, refused, error, rejected"),
+    ("", "arrays", ArrayRecord({"w": Array(GLOBAL["w"])}), "validation reply has an unexpected array record 'arrays'"),
+])
+def test_a_validation_reply_that_breaks_the_schema_is_rejected_with_the_reason_and_the_round_goes_on(tmp_path, where, key, value, reason):
+    fed = _federation(tmp_path, 2, **{"min-sites": 1})
+    good = dict(dice=0.5, iou=0.4, hd95=3.0, epsilon=1.0, **{"dice-class1": 0.5, "dice-class2": math.nan, "num-examples": 10})
+    bad = _validation(2, "bad", **good)
+    _broken(bad.content, where, key, value)
+    metrics = fed.aggregate_evaluate(1, [_validation(1, "good", **good), bad])
+    assert metrics["dice"] == pytest.approx(0.5) and fed.record.round(1)["dice"] == pytest.approx(0.5)
+    assert fed.record.round(1)["sites"]["bad"] == {"status": "rejected", "reason": reason}
+
+
+def test_a_broken_validation_inside_a_train_reply_rejects_the_validation_not_the_training(tmp_path):
+    fed = _federation(tmp_path, 2, **{"min-sites": 2})
+    fed.validating = True
+    trained = {"status": "ok", "code": "", "metrics": {"num-examples": 10, "epsilon": 1.0}}
+    replies = [Message(content=reply_content({**trained, "site": name, "validation": {"status": "ok", "code": "", "metrics": {"dice": dice, "num-examples": 10}}},
+                                             {k: v + 0.01 for k, v in GLOBAL.items()}), reply_to=fed.asked[n])
+               for n, name, dice in ((0, "a", 0.4), (1, "b", 7.0))]
+    arrays, _ = fed.aggregate_train(1, replies)
+    assert arrays is not None and fed.record.round(0)["dice"] == pytest.approx(0.4)
+    assert fed.record.round(0)["sites"]["b"] == {"status": "rejected", "reason": "validation reply has dice 7.0, outside [0, 1]"}
+    assert fed.record.round(1)["sites"]["b"]["status"] == "ok"
+
+
+@pytest.mark.parametrize("strategy, settings, needed", [
+    ("fedtrimmedavg", {"trim-fraction": 0.2}, 5), ("fedtrimmedavg", {"trim-fraction": 0.34}, 3),
+    ("krum", {"byzantine-sites": 1}, 5), ("krum", {"byzantine-sites": 2}, 7), ("fedmedian", {}, 3)])
+def test_a_robust_aggregator_that_could_trim_no_one_refuses_to_start(tmp_path, strategy, settings, needed):
+    config = run_config({"strategy": strategy, "min-sites": needed - 1, "run-dir": str(tmp_path / "run"), **settings})
+    with pytest.raises(AggregatorError, match=f"leaves no site out of a round of {needed - 1} .*set --min-sites to at least {needed}"):
+        run_federation(grid=None, config=config, progress=lambda _: None)
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+    check_aggregator({**config, "min-sites": needed})
+    # A strategy built around the check (a run started before it) still never aggregates fewer, untrimmed.
+    fed = _federation(tmp_path, needed - 1, strategy=strategy, **settings)
+    assert fed.min_sites == needed
+    assert fed.aggregate_train(1, [_reply(n, f"s{n}", _arrays(0.01)) for n in range(1, needed)]) == (None, None)
+
+
+def test_averaging_strategies_start_with_any_number_of_sites_and_a_zero_trim_is_refused():
+    check_aggregator(run_config({"strategy": "fedavg", "min-sites": 1}))
+    with pytest.raises(AggregatorError, match="trim-fraction must be in"):
+        check_aggregator(run_config({"strategy": "fedtrimmedavg", "trim-fraction": 0.0, "min-sites": 10}))

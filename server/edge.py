@@ -74,7 +74,10 @@ def _worker_user() -> str:
 
 
 def _quoted(path: Path) -> str:
-    """A path as an nginx string: a server folder may have spaces or quotes in its name."""
+    """A path as an nginx string: a server folder may have spaces or quotes in its name. nginx has
+    no escape for `$` (a variable) in these directives, so such a path is refused."""
+    if "$" in str(path):
+        raise EdgeError(f"nginx cannot use a path with '$' in it: {path}; move the server folder")
     return '"' + str(path).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -111,6 +114,9 @@ http {{
     absolute_redirect off;
     client_body_temp_path {_quoted(spool)};
     proxy_temp_path {_quoted(spool)};
+    fastcgi_temp_path {_quoted(spool)};  # nginx creates these at start even unused: not in /var/lib/nginx
+    uwsgi_temp_path {_quoted(spool)};
+    scgi_temp_path {_quoted(spool)};
     limit_req_zone $binary_remote_addr zone=fedseg_fleet:1m rate={REQUESTS_PER_SECOND}r/s;
     limit_conn_zone $binary_remote_addr zone=fedseg_conn:1m;
     upstream superlink {{ server 127.0.0.1:{superlink_port}; keepalive 8; }}

@@ -63,7 +63,7 @@ def check_aggregator(config: Mapping[str, Any]) -> None:
 
 
 def capped_weights(claims: Mapping[str, int], anchors: Mapping[str, int], cap: float = WEIGHT_CAP) -> dict[str, int]:
-    """Each site's weight in an average: its claimed count, at most its first weight in this run
+    """Each site's weight in an average: its claimed count, at most its first claim in this run
     (`anchors`: it cannot grow later, when others drop out) and at most `cap` × the median of the
     other sites' claims this round (however much it claims, it weighs at most `cap` typical sites)."""
     medians = median_of_others(claims)
@@ -85,7 +85,7 @@ def build_strategy(config: dict[str, Any]) -> Strategy:
     if name == "fedtrimmedavg":
         return FedTrimmedAvg(**common, beta=float(config["trim-fraction"]))
     if name == "krum":
-        return Krum(**common, num_malicious_nodes=int(config["byzantine-sites"]))
+        return Krum(**common, num_malicious_nodes=max(1, int(config["byzantine-sites"])))  # as check_aggregator assumes
     return FedAvg(**common)
 
 
@@ -246,7 +246,7 @@ class FederationStrategy(Strategy):
             self.progress(f"  round {server_round} {name}: update rejected, left out of the average: {reason}")
             del trained[name]
         self._clip(server_round, trained)
-        self._weigh(server_round, trained, "weight")
+        self._weigh(server_round, trained, "weight", "examples")
         for name in trained:
             s = self.record.site(server_round, name)
             self.progress(f"  round {server_round} {name}: trained, patient-level ε {s['epsilon']:.2f}, σ {s['noise_multiplier']:.2f}, "
@@ -278,7 +278,7 @@ class FederationStrategy(Strategy):
             if entry.get("status", "ok") == "ok":  # a training problem this round stays the one recorded
                 entry.update(status=status, reason=reason)
             self.progress(f"  round {server_round} {name}: validation left out of the average ({status}): {reason}")
-        self._weigh(server_round, valid, "val_weight")
+        self._weigh(server_round, valid, "val_weight", "val_slices")
         metrics = self.inner.aggregate_evaluate(server_round, self._harmonised(list(valid.values()))) if valid else None
         dice = float(metrics["dice"]) if metrics is not None and "dice" in metrics else math.nan
         self.record.close_round(server_round, dice)
@@ -290,7 +290,7 @@ class FederationStrategy(Strategy):
     def _clip(self, server_round: int, trained: dict[str, Message]) -> None:
         """Scales each update longer than CLIP_RATIO × the median of the other sites' down to that
         bound (direction kept): an update steering the model from just under the rejection limit
-        then moves it no further than an honest site may."""
+        then moves it at most CLIP_RATIO times as far as a typical site's, not 10 times."""
         norms = {name: update_norm(msg.content["arrays"], self.sent) for name, msg in trained.items()}
         for name, norm in norms.items():
             self.record.site(server_round, name)["update_norm"] = norm
@@ -303,21 +303,22 @@ class FederationStrategy(Strategy):
             self.progress(f"  round {server_round} {name}: update norm {norms[name]:.3g} scaled down to {bound:.3g} "
                           f"({CLIP_RATIO:g}x the median of the other sites')")
 
-    def _weigh(self, server_round: int, replies: dict[str, Message], field: str) -> None:
+    def _weigh(self, server_round: int, replies: dict[str, Message], field: str, claimed: str) -> None:
         """Sets each reply's weight (its `weight_key` metric, what Flower averages by) to its
-        `capped_weights` value and records it as `field`; a site's first such value in the run anchors it."""
+        `capped_weights` value and records it as `field`. A site's claim (`claimed`) in the first
+        round it was weighed anchors it: a claim can only shrink later, never grow."""
         claims = {name: int(msg.content["metrics"][self.weight_key]) for name, msg in replies.items()}
-        anchors = {name: w for name in replies if (w := self._first(server_round, name, field)) is not None}
+        anchors = {name: c for name in replies if (c := self._first_claim(server_round, name, field, claimed)) is not None}
         for name, weight in capped_weights(claims, anchors).items():
             replies[name].content["metrics"][self.weight_key] = weight
             self.record.site(server_round, name)[field] = weight
             if weight < claims[name]:
                 self.progress(f"  round {server_round} {name}: weighs {weight}, not the {claims[name]} it claims "
-                              f"(at most its first weight in the run and {WEIGHT_CAP:g}x the median of the other sites' claims)")
+                              f"(at most its first claim in the run and {WEIGHT_CAP:g}x the median of the other sites' claims)")
 
-    def _first(self, server_round: int, name: str, field: str) -> int | None:
-        """The site's `field` in the earliest round before `server_round` that has it."""
-        return next((r["sites"][name][field] for k, r in sorted(self.record.rounds.items())
+    def _first_claim(self, server_round: int, name: str, field: str, claimed: str) -> int | None:
+        """The site's claim in the earliest round before `server_round` in which it was weighed."""
+        return next((r["sites"][name][claimed] for k, r in sorted(self.record.rounds.items())
                      if k < server_round and field in r["sites"].get(name, {})), None)
 
     def _harmonised(self, replies: list[Message]) -> list[Message]:

@@ -31,6 +31,7 @@ from server.edge import allowed_networks, find_nginx, start_edge
 
 CONNECTION = "fedseg"
 LOOPBACK = "127.0.0.1"
+SPOOL_PREFIX = "fedseg-edge-"
 
 
 class ServerStartError(RuntimeError):
@@ -121,6 +122,20 @@ def _lock(folder: ServerFolder) -> IO[bytes]:
     return handle
 
 
+def _new_spool(folder: ServerFolder) -> Path:
+    """A fresh spool folder for the edge, named in SERVER_DIR/edge/spool; the one a killed server
+    left behind (named there too) is removed first, so crashes do not pile folders up in /tmp."""
+    record = folder.root / "edge" / "spool"
+    if record.is_file():
+        old = Path(record.read_text().strip())
+        if old.parent == Path(tempfile.gettempdir()) and old.name.startswith(SPOOL_PREFIX):
+            shutil.rmtree(old, ignore_errors=True)
+    spool = Path(tempfile.mkdtemp(prefix=SPOOL_PREFIX))
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(f"{spool}\n")
+    return spool
+
+
 def start_server(folder: ServerFolder, host: str, port: int, insecure: bool, allow: Sequence[str] = (),
                  local_port: int | None = None, verbose: bool = False) -> Server:
     """Start the SuperLink on loopback and the edge on `host:port`; return once both accept
@@ -138,7 +153,7 @@ def start_server(folder: ServerFolder, host: str, port: int, insecure: bool, all
             raise ServerStartError(f"port {number} on {where} is already in use (another server?); "
                                    "choose another with --port / --local-port")
     lock = _lock(folder)
-    spool = Path(tempfile.mkdtemp(prefix="fedseg-edge-"))
+    spool = _new_spool(folder)
     write_connection(folder, local_port, insecure)
     started: list[FlowerProcess] = []
 

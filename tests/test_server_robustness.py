@@ -305,6 +305,19 @@ def test_a_site_cannot_weigh_more_than_its_claims_allow(tmp_path):
     np.testing.assert_allclose(arrays["b"].numpy(), (0.01 * 120 + 0.03 * 80 + 0.03 * 10) / 210, rtol=1e-5)
 
 
+def test_an_honest_large_site_capped_among_small_peers_counts_in_full_once_its_peers_are_as_large(tmp_path):
+    """The anchor is a site's first claim, not its first (capped) weight: a hospital of 400 patients
+    that starts beside two of 100 is not held at 200 for the rest of the run."""
+    fed = _federation(tmp_path, 5, **{"min-sites": 3})
+    fed.aggregate_train(1, [_reply(1, "large", _arrays(0.01), examples=400), _reply(2, "a", _arrays(0.01), examples=100),
+                            _reply(3, "b", _arrays(0.01), examples=100)])
+    assert fed.record.round(1)["sites"]["large"]["weight"] == 200
+    fed.aggregate_train(2, [_reply(1, "large", _arrays(0.01), examples=400), _reply(4, "c", _arrays(0.01), examples=400),
+                            _reply(5, "d", _arrays(0.01), examples=400)])
+    weights = {n: s["weight"] for n, s in fed.record.round(2)["sites"].items() if "weight" in s}
+    assert weights == {"large": 400, "c": 400, "d": 400}
+
+
 def test_a_steering_update_just_under_the_rejection_limit_is_scaled_down(tmp_path):
     """9.5x the others' median norm passes the 10x screen, but counts only as 3x: scaled, not reversed."""
     fed = _federation(tmp_path, 5)

@@ -17,7 +17,8 @@ from pydicom.sr.codedict import codes
 
 from common.config import class_names
 from common.dataset import normalise
-from common.dicom_io import LPS_TO_RAS, LoadReport, Series, decode_series, image_series, read_dicom, voxel_to_patient
+from common.dicom_bounds import read_dicom
+from common.dicom_io import LPS_TO_RAS, LoadReport, Series, decode_series, image_series, voxel_to_patient
 from common.inference import segment_series
 from common.model import GlobalModel
 from common.overlays import draw_overlays, most_labelled_slices

@@ -1,29 +1,23 @@
 """DICOM on disk -> image series and label masks, with a report of everything used or skipped.
 
-A site folder may be nested any way a PACS export or a viewer wrote it, with patient folders linked
-in (PACS and XNAT mounts do): symbolic links to folders are followed, each real folder once. Files
-are found by content, grouped by SeriesInstanceUID and ordered along the slice normal (file names
-and InstanceNumber are not trusted). Labels are DICOM-SEG objects matched to their series through
+A site folder is walked by `site_files` and each file's header read within bounds by `read_header`
+(common/dicom_bounds.py); here the files become series. They are grouped by SeriesInstanceUID and
+ordered along the slice normal (file names and InstanceNumber are not trusted), and a series whose
+files disagree on the patient, study or frame of reference is refused: a file planted with another
+patient's identity never joins a series. Labels are DICOM-SEG objects matched to their series through
 their references (and the patient, study and frame of reference they share), or NIfTI masks listed
 in a `masks.csv` manifest (columns `series_instance_uid,mask`, paths relative to it, inside the site).
 
-Real archives hold broken and foreign files next to good ones, and a file may be hostile: every file
-or series that cannot be used is named in the load report with the reason, and the rest still loads.
-A file is bounded before it is decoded (header size, pixel count, bits, compression ratio; deflated
-files refused), values that are not finite are refused, and pixels are decoded only for the series
-a caller uses. Memory: the scan reads the HEADER_TAGS of each file and keeps only a `Header` of
-plain values (about 1 KB a file, where the parsed pydicom elements took 18 KB: 100,000 files stay
-near 100 MiB, not 2 GB), then reads one file at a time (at most MAX_FILE_BYTES), again in full when
-its series is decoded, and decodes one object at a time (MAX_IMAGE_PIXELS, MAX_SEG_PIXELS).
-Prediction decodes one series at a time (`image_series`, then `decode_series`).
+Every file or series that cannot be used is named in the load report with the reason, and the rest
+still loads. Pixels are decoded only for the series a caller uses, one file and one object at a time
+(MAX_IMAGE_PIXELS, MAX_SEG_PIXELS); prediction decodes one series at a time (`image_series`, then
+`decode_series`), training only the labelled ones (`load_site_series`).
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import os
-import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,70 +26,23 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import highdicom as hd
 import nibabel as nib
 import numpy as np
-import pydicom
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_dataset, read_preamble
 from pydicom.pixels import apply_modality_lut, get_decoder
-from pydicom.uid import (
-    UID,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    SegmentationStorage,
+
+from common.dicom_bounds import (
+    MAX_IMAGE_PIXELS,
+    MAX_SEG_PIXELS,
+    Header,
+    RefusedFile,
+    check_finite,
+    check_pixel_claims,
+    read_dicom,
+    read_header,
 )
+from common.site_files import site_files
 
 MASK_MANIFEST = "masks.csv"
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM patient space (LPS) -> NIfTI world space (RAS)
-
-MAX_HEADER_BYTES = 8 * 2**20  # everything before the pixel data lies in a file's first 8 MiB
-MAX_IMAGE_PIXELS = 4096 * 4096  # one slice: rows x columns x frames x samples
-MAX_SEG_PIXELS = 2**28  # one label object, frames x rows x columns, decoded one byte each (e.g. 1000 frames of 512²)
-MAX_BITS = 64  # bits allocated per sample (64: double float pixel data)
-MAX_COMPRESSION_RATIO = 1000  # stored pixel bytes per byte of file: a 1 KB file never decodes to more than 1 MB
-MAX_FILE_BYTES = MAX_HEADER_BYTES + MAX_SEG_PIXELS  # larger than any slice or (8-bit) label the bounds above admit
-HEADER_TAGS = (  # what the scan reads of each file, not the whole header
-    "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID", "PatientID",
-    "Modality", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "Rows", "Columns",
-    "NumberOfFrames", "SamplesPerPixel", "BitsAllocated", "BitsStored", "PixelRepresentation", "PhotometricInterpretation",
-    "RescaleSlope", "RescaleIntercept", "ReferencedSeriesSequence",
-)
-FINITE_TAGS = ("RescaleSlope", "RescaleIntercept", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness")
-SEG_MUST_MATCH = {"PatientID": "patient_id", "StudyInstanceUID": "study_uid", "FrameOfReferenceUID": "frame_uid"}  # keyword: Header field
-
-
-class RefusedFile(ValueError):
-    """A file or value the site will not decode or use. The message names what is wrong (sizes,
-    attribute names), never a patient identifier or UID read from the file: it may be logged anywhere."""
-
-
-@dataclass(frozen=True, slots=True)
-class Header:
-    """The values of one file's header that the loader uses after the scan, as plain Python values:
-    a parsed pydicom header takes about 18 KB, this about 1 KB, and a site may hold 100,000 files.
-    Geometry is empty for a SEG; `referenced_series` is a SEG's only."""
-
-    sop_class: str
-    sop_uid: str
-    series_uid: str
-    study_uid: str
-    frame_uid: str
-    patient_id: str
-    modality: str
-    photometric: str
-    rows: int = 0
-    columns: int = 0
-    position: tuple[float, ...] = ()
-    orientation: tuple[float, ...] = ()
-    pixel_spacing: tuple[float, ...] = ()
-    slice_thickness: float = 1.0
-    referenced_series: str = ""
-
-    @property
-    def is_seg(self) -> bool:
-        return self.sop_class == SegmentationStorage
-
-
+IDENTITY = {"PatientID": "patient_id", "StudyInstanceUID": "study_uid", "FrameOfReferenceUID": "frame_uid"}  # keyword: Header field
 SeriesFiles = list[tuple[Path, Header]]  # one series' files in path order, as the scan found them
 
 
@@ -154,190 +101,20 @@ class _Scan:
     manifests: list[Path] = field(default_factory=list)
 
 
-class _Window(io.BufferedReader):
-    """A file that may not be read past its first `limit` bytes: pydicom parses through it, so a
-    header that never ends, or a huge element, is refused before it is read into memory."""
-
-    def __init__(self, path: Path, limit: int, what: str) -> None:
-        super().__init__(io.FileIO(path, "rb"))
-        self.limit, self.what, self.size = limit, what, os.fstat(self.fileno()).st_size
-
-    def read(self, size: int | None = -1) -> bytes:
-        remaining = max(self.size - self.tell(), 0)  # a length past the end is a short read, not an allocation
-        size = remaining if size is None or size < 0 else min(size, remaining)
-        if size and self.tell() + size > self.limit:
-            raise RefusedFile(f"{self.what} too large: more than {self.limit / 2**20:.0f} MiB to read")
-        return super().read(size)
-
-
-def _transfer_syntax(fp: io.BufferedReader) -> str:
-    """The file meta's transfer syntax, read before the dataset (pydicom inflates a deflated
-    dataset whole as soon as it parses it); the file is left at its start."""
-    read_preamble(fp, force=True)
-    meta = read_dataset(fp, is_implicit_VR=False, is_little_endian=True, stop_when=lambda tag, vr, length: tag.group != 2)
-    fp.seek(0)
-    return str(meta.get("TransferSyntaxUID", ""))
-
-
-def read_dicom(path: str | Path, stop_before_pixels: bool = False, specific_tags: Sequence[str] | None = None) -> pydicom.Dataset:
-    """Read a DICOM file, also one without the 128-byte preamble and file meta header (older
-    archives and some exporters write these); anything without an SOP class is not DICOM.
-    Bounded: no file over MAX_FILE_BYTES, no header over MAX_HEADER_BYTES, no deflated dataset."""
-    size = Path(path).stat().st_size
-    if size > MAX_FILE_BYTES:
-        raise RefusedFile(f"file too large: {size / 2**20:.0f} MiB, over the {MAX_FILE_BYTES / 2**20:.0f} MiB any slice or label may take")
-    limit, what = (MAX_HEADER_BYTES, "header") if stop_before_pixels else (MAX_FILE_BYTES, "file")
-    with _Window(Path(path), limit, what) as fp:
-        if _transfer_syntax(fp) == DeflatedExplicitVRLittleEndian:
-            raise RefusedFile("deflated transfer syntax refused: it is inflated whole in memory (a decompression bomb "
-                              "can take gigabytes); re-export the file uncompressed or with a lossless image compression")
-        try:
-            ds = pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels, specific_tags=specific_tags)
-        except InvalidDicomError:
-            fp.seek(0)
-            ds = pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels, specific_tags=specific_tags, force=True)
-    if "SOPClassUID" not in ds:
-        raise InvalidDicomError("no DICOM preamble and no SOP Class UID")
-    if "TransferSyntaxUID" not in ds.file_meta:
-        implicit, little = ds.original_encoding
-        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
-    return ds
-
-
-def check_pixel_claims(ds: pydicom.Dataset, file_size: int, max_pixels: int) -> None:
-    """Refuse what a header claims before a decoder allocates it: rows x columns x frames x samples,
-    the bits per sample, and the compression ratio (claimed pixel bytes per byte of file)."""
-    counts = [int(ds.get(keyword) or default) for keyword, default in
-              (("Rows", 0), ("Columns", 0), ("NumberOfFrames", 1), ("SamplesPerPixel", 1))]
-    bits = int(ds.get("BitsAllocated") or 0)
-    shape = " x ".join(map(str, counts))
-    if min(counts) < 1 or not 1 <= bits <= MAX_BITS:
-        raise RefusedFile(f"pixel description invalid: rows x columns x frames x samples = {shape}, {bits} bits allocated")
-    pixels = int(np.prod(counts, dtype=np.int64))
-    if pixels > max_pixels:
-        raise RefusedFile(f"pixel data too large: rows x columns x frames x samples = {shape} = {pixels / 2**20:.0f} Mi pixels, "
-                          f"over the {max_pixels / 2**20:.0f} Mi pixel limit")
-    stored = pixels * bits // 8
-    if stored > MAX_COMPRESSION_RATIO * file_size:
-        raise RefusedFile(f"compression ratio too high: {stored / 2**20:.1f} MiB of pixel data claimed by a {file_size / 1024:.1f} KB file "
-                          f"({stored // max(file_size, 1)}:1, limit {MAX_COMPRESSION_RATIO}:1)")
-
-
-def check_finite(ds: pydicom.Dataset) -> None:
-    """Refuse a rescale or geometry value that is not a finite number: a NaN slope makes every
-    voxel NaN, and one NaN slice turns every training update NaN while ε is still spent."""
-    for keyword in FINITE_TAGS:
-        value = ds.get(keyword)
-        if value is None or value == "":
-            continue
-        try:
-            finite = bool(np.all(np.isfinite(np.asarray(value, dtype=float))))
-        except (TypeError, ValueError):
-            finite = False
-        if not finite:
-            raise RefusedFile(f"non-finite value: {keyword} is {value}")
-
-
 def _problem(err: Exception) -> str:
     """An exception as one short report line."""
     text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
 
 
-def _not_an_image(ds: pydicom.Dataset) -> str | None:
-    """Why this object is not a greyscale cross-sectional image we can train on, or None."""
-    sop_class = UID(str(ds.get("SOPClassUID", "")))
-    kind = f"{sop_class.name or sop_class} (Modality {ds.get('Modality', '?')})"
-    if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "Rows" not in ds:
-        return f"not a cross-sectional image: {kind}"
-    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")) not in ("MONOCHROME1", "MONOCHROME2"):
-        return f"colour image ({ds.PhotometricInterpretation}), {kind}: segmentation needs greyscale CT/MR"
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        return f"multi-frame/enhanced object ({ds.NumberOfFrames} frames), {kind}: not supported; export the series as single-frame images"
-    return None
-
-
-def _text(ds: pydicom.Dataset, keyword: str, default: str = "") -> str:
-    """An attribute as a string shared by every file that holds the same value (a series' UIDs,
-    patient and modality repeat in each of its files)."""
-    return sys.intern(str(ds.get(keyword) or default))
-
-
-def _floats(ds: pydicom.Dataset, keyword: str) -> tuple[float, ...]:
-    """A numeric attribute as a tuple of floats, empty when absent."""
-    value = ds.get(keyword)
-    return () if value is None or value == "" else tuple(float(v) for v in np.atleast_1d(np.asarray(value, dtype=float)))
-
-
-def _header(ds: pydicom.Dataset, is_seg: bool) -> Header:
-    """The plain values the loader keeps of a checked header; the SOP Instance and Series UIDs are
-    required (a file without them cannot be placed in a series or referenced by a label)."""
-    common = dict(sop_class=_text(ds, "SOPClassUID"), sop_uid=str(ds.SOPInstanceUID), series_uid=sys.intern(str(ds.SeriesInstanceUID)),
-                  study_uid=_text(ds, "StudyInstanceUID"), frame_uid=_text(ds, "FrameOfReferenceUID"), patient_id=_text(ds, "PatientID"),
-                  modality=_text(ds, "Modality", "OT"), photometric=_text(ds, "PhotometricInterpretation", "MONOCHROME2"))
-    if is_seg:
-        refs = ds.get("ReferencedSeriesSequence") or []
-        return Header(**common, referenced_series=_text(refs[0], "SeriesInstanceUID") if refs else "")
-    return Header(**common, rows=int(ds.Rows), columns=int(ds.Columns), position=_floats(ds, "ImagePositionPatient"),
-                  orientation=_floats(ds, "ImageOrientationPatient"), pixel_spacing=_floats(ds, "PixelSpacing"),
-                  slice_thickness=float(ds.get("SliceThickness") or 1.0))
-
-
-def read_header(path: str | Path) -> Header:
-    """What the loader needs of one file, read within bounds and checked before any pixel is
-    decoded (pixel claims, finite values); raises RefusedFile naming why a file is not used,
-    also when it is no greyscale cross-sectional image (an RT plan, a report, a colour image)."""
-    ds = read_dicom(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
-    is_seg = str(ds.get("SOPClassUID", "")) == SegmentationStorage
-    reason = None if is_seg else _not_an_image(ds)
-    if reason:
-        raise RefusedFile(reason)
-    check_pixel_claims(ds, Path(path).stat().st_size, MAX_SEG_PIXELS if is_seg else MAX_IMAGE_PIXELS)
-    check_finite(ds)
-    return _header(ds, is_seg)
-
-
-def _files(folder: Path, report: LoadReport) -> list[Path]:
-    """Every file under `folder`, following symbolic links to folders (PACS and XNAT mounts link
-    patient folders in), each real folder and file once. A link back up the tree, or a second link
-    to a folder already scanned, is named in the report and not followed."""
-    site = os.path.realpath(folder)
-    seen_dirs: dict[str, str] = {}
-    seen_files: set[str] = set()
-    files = []
-    for here, dirs, names in os.walk(folder, followlinks=True, onerror=lambda err: report.skip(err.filename, f"folder unreadable ({_problem(err)})")):
-        real = os.path.realpath(here)
-        if real != site and site.startswith(real.rstrip(os.sep) + os.sep):
-            report.skip(here, f"symbolic link loop: links to {real}, which holds the site folder; not followed")
-            dirs.clear()
-            continue
-        if real in seen_dirs:
-            report.skip(here, f"symbolic link loop or second link: {real} is already scanned as {seen_dirs[real]}; not scanned again")
-            dirs.clear()
-            continue
-        seen_dirs[real] = here
-        dirs.sort()
-        for name in names:
-            path = os.path.join(here, name)
-            linked = os.path.islink(path)
-            real_file = os.path.realpath(path) if linked else os.path.join(real, name)
-            if linked and not os.path.exists(real_file):
-                report.skip(path, "broken symbolic link")
-            elif real_file in seen_files:
-                report.skip(path, f"symbolic link to a file already scanned ({real_file}); not read twice")
-            else:
-                seen_files.add(real_file)
-                files.append(Path(path))
-    return sorted(files)
-
-
 def _scan_headers(folder: Path, report: LoadReport) -> _Scan:
     """Read every file's header once (a few tags, bounded) and keep its `Header`; split images (by
-    series) from SEGs and mask manifests, and name everything else. No pixel data is read here."""
+    series) from SEGs and mask manifests, and name everything else. A series whose files disagree on
+    IDENTITY is refused here, before a label is matched to it. No pixel data is read here."""
     if not folder.is_dir():
         raise FileNotFoundError(f"data folder {folder} does not exist")
     scan = _Scan()
-    for path in _files(folder, report):
+    for path in site_files(folder, report):
         if path.name == MASK_MANIFEST:
             scan.manifests.append(path)
             continue
@@ -355,7 +132,19 @@ def _scan_headers(folder: Path, report: LoadReport) -> _Scan:
             scan.segs.append((path, header))
         else:
             scan.images[header.series_uid].append((path, header))
+    for uid, files in list(scan.images.items()):
+        differ = _identity_differences(files[0][1], [h for _, h in files[1:]])
+        if differ:
+            del scan.images[uid]
+            report.skip(_series_label(files), f"its files disagree on {', '.join(differ)}: one series is one patient's, in one "
+                                              "study and frame of reference (a file of another patient or scan planted in it?); not used")
     return scan
+
+
+def _identity_differences(reference: Header, others: Sequence[Header]) -> list[str]:
+    """The IDENTITY attributes on which any of `others` differs from `reference`: names only, the
+    values identify patients and may not be logged."""
+    return [keyword for keyword, name in IDENTITY.items() if any(getattr(h, name) != getattr(reference, name) for h in others)]
 
 
 def order_slices(headers: Sequence[Header]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -561,13 +350,17 @@ def _location(paths: Sequence[Path]) -> str:
     return os.path.commonpath(sorted({os.path.realpath(p.parent) for p in paths}))
 
 
+def _series_label(files: SeriesFiles) -> str:
+    """A series as the report names it: its UID, file count and where its files live."""
+    return f"series {files[0][1].series_uid} ({len(files)} files in {_location([p for p, _ in files])})"
+
+
 def decode_series(files: SeriesFiles, report: LoadReport) -> Series | None:
     """One scanned series with its pixels, or None when it cannot be used (named in the report)."""
     try:
         return read_series(files)
     except Exception as err:
-        report.skip(f"series {files[0][1].series_uid} ({len(files)} files in {_location([p for p, _ in files])})",
-                    str(err) if isinstance(err, ValueError) else _problem(err))
+        report.skip(_series_label(files), str(err) if isinstance(err, ValueError) else _problem(err))
         return None
 
 
@@ -586,21 +379,13 @@ def _seg_candidates(scan: _Scan, report: LoadReport) -> dict[str, list[Path]]:
         if ref_uid not in scan.images:
             report.skip(path, f"DICOM-SEG references series {ref_uid or '(none)'}, which is not in the folder or not usable")
             continue
-        image = scan.images[ref_uid][0][1]
-        differ = [keyword for keyword, name in SEG_MUST_MATCH.items() if getattr(seg, name) != getattr(image, name)]
+        differ = _identity_differences(scan.images[ref_uid][0][1], [seg])  # the series' files agree: the first speaks for all
         if differ:
             report.skip(path, f"foreign DICOM-SEG: its {', '.join(differ)} differ from the series it references "
                               "(another patient's or study's label); not used")
         else:
             candidates[ref_uid].append(path)
     return candidates
-
-
-def load_series(folder: str | Path, report: LoadReport) -> tuple[dict[str, Series], list[tuple[Path, Header]]]:
-    """Every usable image series under `folder` (by SeriesInstanceUID), all decoded at once, and the
-    SEG headers found. Memory grows with the folder: `image_series` + `decode_series` do not."""
-    scan = _scan_headers(Path(folder), report)
-    return _decode(scan.images, report), scan.segs
 
 
 def image_series(folder: str | Path, report: LoadReport) -> list[SeriesFiles]:

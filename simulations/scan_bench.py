@@ -4,7 +4,7 @@ memory they need, on a 10,000-file folder and on the hostile files the loader re
 Each folder is loaded by `load_site_series` in a fresh child process, which reports its wall time
 and peak RSS (VmHWM: `ru_maxrss` would count the parent's memory at fork) with the RSS after
 imports alone, so the figures are the scan's own.
-The hostile-file writers here are also what the tests use (tests/test_hostile_files.py).
+The hostile site and `scan_in_child` are also what the tests use (tests/test_hostile_files.py).
 """
 
 from __future__ import annotations

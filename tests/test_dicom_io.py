@@ -8,7 +8,8 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLossless, RLELossless, generate_uid
 
-from common.dicom_io import LoadReport, load_series, load_site_series, read_dicom, read_header, read_pixels, read_series, voxel_to_patient
+from common.dicom_bounds import read_dicom, read_header
+from common.dicom_io import LoadReport, decode_series, image_series, load_site_series, read_pixels, read_series, voxel_to_patient
 from tests.conftest import CLASSES
 from tests.dicom_factory import blob_volume, write_seg, write_series
 
@@ -131,7 +132,8 @@ def test_a_corpus_of_bad_dicom_loads_with_every_bad_file_named_and_every_good_se
     # a training load does not decode unlabelled series; prediction decodes every series and names those it cannot
     assert "no label" in reason(f"series {jpeg.SeriesInstanceUID}")
     predict_report = LoadReport(str(site))
-    load_series(site, predict_report)
+    for files in image_series(site, predict_report):  # as `fedseg predict` does, one series at a time
+        decode_series(files, predict_report)
     reasons = {s["path"]: s["reason"] for s in predict_report.skipped}
     assert any("MR_truncated.dcm: pixel data unreadable" in r for r in reasons.values()), reasons
     assert "JPEG Lossless" in reason(f"series {jpeg.SeriesInstanceUID}") and "pylibjpeg" in reason(f"series {jpeg.SeriesInstanceUID}")

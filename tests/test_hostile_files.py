@@ -5,10 +5,6 @@ bounded. Every file here is a real DICOM/NIfTI file written with pydicom, highdi
 import copy
 import csv
 import gc
-import json
-import os
-import subprocess
-import sys
 import tracemalloc
 import weakref
 from pathlib import Path
@@ -22,15 +18,16 @@ from pydicom.uid import generate_uid
 import client.predict as predict
 import common.dicom_io as dicom_io
 from common.config import run_config
-from common.dicom_io import Header, LoadReport, load_series, load_site_series, voxel_to_patient
-from common.model import build_model, load_global_model
+from common.dicom_bounds import Header, read_header
+from common.dicom_io import LoadReport, image_series, load_site_series, voxel_to_patient
+from common.model import GlobalModel, build_model, load_global_model
+from simulations.scan_bench import SLICES, scan_in_child, write_deflate_bomb, write_hostile_site, write_honest_site, write_rle_claiming
 from tests.conftest import CLASSES
-from simulations.scan_bench import write_deflate_bomb, write_rle_claiming
 from tests.dicom_factory import blob_volume, rewrite, write_float_pixels, write_seg, write_series
 
 LABELS = ["Organ", "Lesion"]
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-MEMORY_BOUND_MIB = 64  # peak RSS growth of a scan of the hostile folder below, after a warm-up load
+MEMORY_BOUND_MIB = 64  # peak RSS growth of a scan of the bench's hostile folder, after a warm-up load
 HEADER_BOUND_BYTES = 2048  # what the scan keeps per file (a parsed pydicom header took about 18 KB)
 
 
@@ -66,6 +63,13 @@ def _reason(report: LoadReport, fragment: str) -> str:
 def _honest_loads(used: dict, image: np.ndarray) -> None:
     assert "honest" in used, used
     np.testing.assert_allclose(used["honest"].series.volume, image, atol=0.5)
+
+
+def _untrained_model(path: Path) -> GlobalModel:
+    """A checkpoint `fedseg predict` accepts: untrained weights, enough to run the prediction path."""
+    torch.manual_seed(0)
+    torch.save({"state_dict": build_model(3).state_dict(), "round": 0, "config": run_config({"image-size": 32})}, path)
+    return load_global_model(path)
 
 
 def test_deflate_bomb_is_refused_before_it_is_inflated(tmp_path):
@@ -182,12 +186,41 @@ def test_unlabelled_series_are_not_decoded_by_training_but_are_for_prediction(tm
     _honest_loads(used, image)
     assert "no label" in _reason(report, "patient unlabelled")
     assert {p.parent for p in decoded} == {site / "honest"}
-    series_by_uid, _ = load_series(site, LoadReport(str(site)))  # `fedseg predict` segments every series
-    assert unlabelled[0].SeriesInstanceUID in series_by_uid and {p.parent for p in decoded} == {site / "honest", site / "unlabelled"}
+    results, _ = predict.predict_folder(_untrained_model(tmp_path / "model.pt"), site, tmp_path / "out", torch.device("cpu"),
+                                        png=False, progress=lambda line: None)  # `fedseg predict` segments every series
+    assert unlabelled[0].SeriesInstanceUID in {r.series_uid for r in results}
+    assert {p.parent for p in decoded} == {site / "honest", site / "unlabelled"}
+
+
+@pytest.mark.parametrize("keyword", ["PatientID", "StudyInstanceUID", "FrameOfReferenceUID"])
+def test_a_file_planted_in_a_series_with_another_identity_refuses_the_series(tmp_path, monkeypatch, keyword):
+    site = tmp_path / "site"
+    image, _ = _labelled(site, "honest")
+    _, target = _labelled(site, "target", seed=1)  # labelled: training would decode it
+    planted = copy.deepcopy(target[-1])  # one slice more at the end of the series, from another patient or scan
+    planted.SOPInstanceUID = planted.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    step = np.subtract(target[-1].ImagePositionPatient, target[-2].ImagePositionPatient)
+    planted.ImagePositionPatient = list(np.add(target[-1].ImagePositionPatient, step))
+    foreign = {"PatientID": "intruder", "StudyInstanceUID": generate_uid(), "FrameOfReferenceUID": generate_uid()}[keyword]
+    setattr(planted, keyword, foreign)
+    planted.save_as(site / "target" / "planted.dcm", enforce_file_format=False)
+    decoded = []
+    monkeypatch.setattr(dicom_io, "read_pixels", lambda path, real=dicom_io.read_pixels: decoded.append(Path(path)) or real(path))
+
+    used, report = _load(site)
+
+    _honest_loads(used, image)
+    assert set(used) == {"honest"}
+    reason = _reason(report, f"series {target[0].SeriesInstanceUID}")
+    assert reason.startswith(f"its files disagree on {keyword}: one series is one patient's") and foreign not in reason
+    assert "not in the folder or not usable" in _reason(report, "target-seg.dcm")
+    assert not [p for p in decoded if p.parent == site / "target"]  # refused before any of its pixels is read
+    predicted = image_series(site, LoadReport(str(site)))  # nor is it predicted
+    assert [files[0][1].patient_id for files in predicted] == ["honest"]
 
 
 def _nifti_for(series_folder: Path, mask: np.ndarray, path: Path) -> None:
-    files = [(p, dicom_io.read_header(p)) for p in sorted(series_folder.iterdir())]
+    files = [(p, read_header(p)) for p in sorted(series_folder.iterdir())]
     series = dicom_io.read_series(files)
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(mask, LPS_TO_RAS @ voxel_to_patient(series)), path)
@@ -242,43 +275,14 @@ def test_symlinked_patient_folders_are_followed_once_and_reported_where_they_liv
     assert _reason(report, "gone.dcm") == "broken symbolic link"
 
 
-def write_hostile_site(site: Path) -> None:
-    """Every hostile file above in one site folder, next to an honest labelled series."""
-    _, datasets = _labelled(site, "honest")
-    write_deflate_bomb(site / "bomb.dcm", _stranger(datasets)[0], inflated_mib=1536)
-    for size in (16000, 65535):
-        claim = _stranger(datasets)
-        write_rle_claiming(site / f"claim-{size}" / "1.dcm", claim[0], size, size)
-        write_seg(site / f"claim-{size}-seg.dcm", claim, blob_volume()[1], LABELS)
-    _labelled(site, "nan", seed=1)
-    for path in (site / "nan").iterdir():
-        rewrite(path, RescaleSlope=float("nan"))
-    write_series(site / "unlabelled", blob_volume(seed=3)[0], patient="unlabelled", seed=3)
-
-
-SCAN_CHILD = """
-import json, sys
-from common.dicom_io import load_site_series
-from simulations.scan_bench import memory_mib, reset_peak
-load_site_series(sys.argv[1], ("background", "organ", "lesion"))  # warm-up: imports and decoders loaded
-reset_peak()
-before = memory_mib("VmRSS")
-labelled, report = load_site_series(sys.argv[2], ("background", "organ", "lesion"))
-growth = memory_mib("VmHWM") - before
-print(json.dumps({"growth_kib": growth * 1024, "used": [ls.series.patient_id for ls in labelled], "skipped": len(report.skipped)}))
-"""
-
-
 def test_scanning_the_hostile_files_stays_within_the_memory_bound(tmp_path):
-    _labelled(tmp_path / "warm-up", "honest")
-    write_hostile_site(tmp_path / "site")
-    run = subprocess.run([sys.executable, "-c", SCAN_CHILD, str(tmp_path / "warm-up"), str(tmp_path / "site")],
-                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1],
-                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    assert run.returncode == 0, run.stderr
-    result = json.loads(run.stdout.splitlines()[-1])
-    assert result["used"] == ["honest"]
-    assert result["growth_kib"] < MEMORY_BOUND_MIB * 1024, result
+    write_honest_site(tmp_path / "warm-up", SLICES + 1)  # one labelled series
+    write_hostile_site(tmp_path / "site", tmp_path / "pacs-mount")
+
+    result = scan_in_child(tmp_path / "warm-up", tmp_path / "site")
+
+    assert result["labelled_series_used"] == 1 and "deflated transfer syntax refused" in result["reasons"], result
+    assert result["peak_rss_mib"] - result["rss_before_mib"] < MEMORY_BOUND_MIB, result
 
 
 def test_the_scan_keeps_a_few_plain_values_per_file_not_the_parsed_header(tmp_path):
@@ -303,8 +307,7 @@ def test_prediction_holds_one_decoded_series_at_a_time(tmp_path, monkeypatch):
     source = tmp_path / "src"
     for k in range(3):
         write_series(source / f"P{k}", blob_volume(seed=k)[0], patient=f"P{k}", seed=k)
-    torch.manual_seed(0)
-    torch.save({"state_dict": build_model(3).state_dict(), "round": 0, "config": run_config({"image-size": 32})}, tmp_path / "model.pt")
+    model = _untrained_model(tmp_path / "model.pt")
     alive = []
 
     def decode(files, report, real=predict.decode_series):
@@ -317,8 +320,7 @@ def test_prediction_holds_one_decoded_series_at_a_time(tmp_path, monkeypatch):
     refs = []
     monkeypatch.setattr(predict, "decode_series", decode)
     lines = []
-    results, report = predict.predict_folder(load_global_model(tmp_path / "model.pt"), source, tmp_path / "out",
-                                             torch.device("cpu"), progress=lines.append)
+    results, report = predict.predict_folder(model, source, tmp_path / "out", torch.device("cpu"), progress=lines.append)
 
     assert alive == [0, 0, 0] and not report.skipped
     assert [r.patient_id for r in results] == ["P0", "P1", "P2"] and all(r.seg.is_file() for r in results)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from common.config import run_config
-from common.dicom_io import LoadReport, load_series, read_nifti_mask, read_seg_mask
+from common.dicom_io import LoadReport, decode_series, image_series, read_nifti_mask, read_seg_mask
 from common.dicomweb import push
 from common.inference import segment_series
 from common.model import build_model, load_global_model
@@ -63,7 +63,9 @@ def test_predicted_seg_passes_dciodvfy_references_its_series_and_reads_back_as_t
     run = _fedseg("predict", str(model), str(patient), "--out", str(tmp_path / "out"), "--nifti", cwd=tmp_path)
     assert "[1/1]" in run.stdout and "1 series segmented" in run.stdout
 
-    series = next(iter(load_series(patient, LoadReport(str(patient)))[0].values()))
+    loaded = LoadReport(str(patient))
+    [files] = image_series(patient, loaded)  # as `fedseg predict` reads it
+    series = decode_series(files, loaded)
     expected = segment_series(load_global_model(model).model, series, 32, torch.device("cpu"))
     assert {1, 2} <= set(np.unique(expected))  # the check below compares real segments, not empty ones
     seg_path = next((tmp_path / "out").rglob("*.seg.dcm"))

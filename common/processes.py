@@ -220,7 +220,7 @@ def run_until_stopped(proc: FlowerProcess, *others: FlowerProcess) -> int:
             reap_orphans(keep=[proc.pid, *(p.pid for p in others)])
         if stopping.is_set():
             print("stopping ...", flush=True)
-        else:
+        elif others:  # one of several daemons ended by itself: say which, or the rest just vanish
             ended = next(p for p in (proc, *others) if not p.running())
             print(f"{ended.name} exited (code {ended.proc.returncode}); stopping the rest", flush=True)
         for other in others:

@@ -83,7 +83,8 @@ def _uid(*parts: object) -> str:
     return generate_uid(entropy_srcs=[str(p) for p in parts])
 
 
-def _slice_dataset(profile: ScannerProfile, patient: str, k: int, pixels: np.ndarray, geometry: dict, uids: dict) -> pydicom.Dataset:
+def slice_dataset(profile: ScannerProfile, patient: str, k: int, pixels: np.ndarray, geometry: dict, uids: dict) -> pydicom.Dataset:
+    """One CT slice of `profile`'s scanner: `pixels` stored as HU + 1024, `geometry` its orientation and positions."""
     ds = pydicom.Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
@@ -151,7 +152,7 @@ def write_patient(profile: ScannerProfile, index: int, out: Path, seed: int) -> 
     datasets = []
     order = range(profile.slices - 1, -1, -1) if profile.descending else range(profile.slices)
     for k in order:
-        ds = _slice_dataset(profile, patient, k, stored[k], geometry, uids)
+        ds = slice_dataset(profile, patient, k, stored[k], geometry, uids)
         ds.save_as(series_dir / f"{_uid(uids['series'], 'file', k)[-12:]}.dcm", enforce_file_format=True)
         datasets.append((k, ds))
     datasets.sort(key=lambda kd: kd[0])

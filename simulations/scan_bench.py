@@ -20,15 +20,16 @@ import subprocess
 import sys
 import tempfile
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless, generate_uid
 
 from common.seg_writer import write_seg
+from simulations.federation import site_profiles, slice_dataset
 
 CLASSES = ("background", "organ", "lesion")
 SLICES, MATRIX = 20, 64  # per series: 20 slices of 64 x 64 CT
@@ -103,33 +104,15 @@ def write_rle_claiming(path: Path, dataset: pydicom.Dataset, rows: int, columns:
 
 
 def _ct_series(patient: str, slices: int, rng: np.random.Generator) -> tuple[list[pydicom.Dataset], np.ndarray]:
-    """One small CT series (a bright square organ in noise) and its organ mask."""
+    """One small CT series (a bright square organ in noise) and its organ mask, written as the
+    built-in federation writes its scanners' slices."""
+    profile = replace(site_profiles(1, size="tiny")[0], matrix=MATRIX, pixel_spacing=3.0, slices=slices, slice_thickness=5.0)
     uids = {"study": generate_uid(), "series": generate_uid(), "frame": generate_uid()}
+    geometry = {"orientation": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], "positions": [[-100.0, -100.0, 5.0 * k] for k in range(slices)]}
     mask = np.zeros((slices, MATRIX, MATRIX), dtype=np.uint8)
     mask[:, 20:44, 20:44] = 1
     stored = (1024 + rng.normal(0, 20, mask.shape) + 80 * mask).astype(np.int16)
-    datasets = []
-    for k in range(slices):
-        ds = pydicom.Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = patient, f"Bench^{patient}", "", "O"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = uids["study"], uids["series"], uids["frame"]
-        ds.StudyID, ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "20260101", "120000", "", ""
-        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 2, k + 1
-        ds.Manufacturer, ds.PositionReferenceIndicator = "fedseg scan bench", ""
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ds.ImagePositionPatient = [-100.0, -100.0, 5.0 * k]
-        ds.PixelSpacing, ds.SliceThickness = [3.0, 3.0], 5.0
-        ds.Rows = ds.Columns = MATRIX
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.PixelData = stored[k].tobytes()
-        datasets.append(ds)
-    return datasets, mask
+    return [slice_dataset(profile, patient, k, stored[k], geometry, uids) for k in range(slices)], mask
 
 
 def _save(datasets: list[pydicom.Dataset], folder: Path) -> None:

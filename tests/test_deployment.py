@@ -77,17 +77,42 @@ def _history(run_dir: Path) -> dict:
         return {"rounds": []}
 
 
-def _wait_until(condition, timeout: float, what: str) -> None:
+def _wait_until(condition, timeout: float, what: str, poll: float = 1.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, what
-        time.sleep(1)
+        time.sleep(poll)
 
 
 def _online(root: Path) -> set[str]:
     """Names of the sites `fedseg sites` lists as online."""
     rows = [line.split() for line in _fedseg("sites", "coordinator", cwd=root).stdout.splitlines()[1:]]
     return {row[0] for row in rows if len(row) > 2 and row[2] == "online"}
+
+
+def _intruders_are_refused(root: Path, port: int, data: Path, tmp_path: Path) -> None:
+    """While a run is in progress: a site whose key was never registered is refused ..."""
+    refused = _fedseg("site", "site-unregistered", "--data", str(data), "--server",
+                      f"{PUBLIC}:{port}", "--ca-cert", "coordinator/certs/ca.crt", cwd=root, timeout=180)
+    assert refused.returncode != 0 and "is not registered" in refused.stderr, refused.stdout + refused.stderr
+    # ... a site holding some other CA's certificate stops before connecting ...
+    assert _fedseg("certs", str(tmp_path / "other"), cwd=root).returncode == 0
+    wrong_ca = _fedseg("site", "hospital-a", "--data", str(data), "--server", f"{PUBLIC}:{port}",
+                       "--ca-cert", str(tmp_path / "other" / "certs" / "ca.crt"), cwd=root, timeout=180)
+    assert wrong_ca.returncode != 0 and "vouches for" in wrong_ca.stderr, wrong_ca.stdout + wrong_ca.stderr
+    # ... and a bare SuperNode without the federation's CA cannot complete the TLS handshake.
+    bare_log = tmp_path / "bare.out"
+    bare = subprocess.Popen([str(Path(sys.executable).parent / "flower-supernode"), "--superlink", f"{PUBLIC}:{port}",
+                             "--auth-supernode-private-key", "hospital-a/site.key", "--max-retries", "1", "--port", str(free_port())],
+                            cwd=root, stdout=bare_log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, env=flower_env(tmp_path / "bare"))
+    try:
+        assert bare.wait(timeout=120) != 0 and "CERTIFICATE_VERIFY_FAILED" in bare_log.read_text()
+    finally:
+        try:
+            os.killpg(bare.pid, signal.SIGKILL)  # its SuperExec helper, if still there
+        except ProcessLookupError:
+            pass
 
 
 def test_sites_train_over_tls_through_a_dead_hospital_and_a_server_crash_while_intruders_are_refused(federation, tmp_path):
@@ -106,32 +131,10 @@ def test_sites_train_over_tls_through_a_dead_hospital_and_a_server_crash_while_i
     time.sleep(3)
     os.killpg(sites["hospital-b"].proc.pid, signal.SIGKILL)
 
-    # Meanwhile: a site whose key was never registered is refused ...
-    refused = _fedseg("site", "site-unregistered", "--data", str(federation["data"]), "--server",
-                      f"{PUBLIC}:{port}", "--ca-cert", "coordinator/certs/ca.crt", cwd=root, timeout=180)
-    assert refused.returncode != 0 and "is not registered" in refused.stderr, refused.stdout + refused.stderr
-    # ... a site holding some other CA's certificate stops before connecting ...
-    assert _fedseg("certs", str(tmp_path / "other"), cwd=root).returncode == 0
-    wrong_ca = _fedseg("site", "hospital-a", "--data", str(federation["data"]), "--server", f"{PUBLIC}:{port}",
-                       "--ca-cert", str(tmp_path / "other" / "certs" / "ca.crt"), cwd=root, timeout=180)
-    assert wrong_ca.returncode != 0 and "vouches for" in wrong_ca.stderr, wrong_ca.stdout + wrong_ca.stderr
-    # ... and a bare SuperNode without the federation's CA cannot complete the TLS handshake.
-    bare_log = tmp_path / "bare.out"
-    bare = subprocess.Popen([str(Path(sys.executable).parent / "flower-supernode"), "--superlink", f"{PUBLIC}:{port}",
-                             "--auth-supernode-private-key", "hospital-a/site.key", "--max-retries", "1", "--port", str(free_port())],
-                            cwd=root, stdout=bare_log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, env=flower_env(tmp_path / "bare"))
-    try:
-        assert bare.wait(timeout=120) != 0 and "CERTIFICATE_VERIFY_FAILED" in bare_log.read_text()
-    finally:
-        try:
-            os.killpg(bare.pid, signal.SIGKILL)  # its SuperExec helper, if still there
-        except ProcessLookupError:
-            pass
-
-    # Round 1 completes with the live hospital (min-sites 1); then the server machine crashes (every process of it).
+    # Round 1 completes with the live hospital (min-sites 1); then, before round 2 can, the server machine
+    # crashes (every process of it).
     _wait_until(lambda: any(r["round"] == 1 and "checkpoint" in r for r in _history(run_dir)["rounds"]), 480,
-                f"round 1 never completed:\n{run.output()[-3000:]}")
+                f"round 1 never completed:\n{run.output()[-3000:]}", poll=0.2)
     os.killpg(server.proc.pid, signal.SIGKILL)
     assert run.proc.wait(timeout=120) != 0  # the coordinator's follower lost the server
     assert _history(run_dir)["status"] == "running"
@@ -142,6 +145,7 @@ def test_sites_train_over_tls_through_a_dead_hospital_and_a_server_crash_while_i
     _wait_until(lambda: "hospital-a" in _online(root), 120, "hospital-a reconnects to the restarted server")
     resume = Background("resume", ["run", "coordinator", "--resume", "runs/test"], root)
     federation["started"].append(resume)
+    _intruders_are_refused(root, port, federation["data"], tmp_path)
     assert resume.proc.wait(timeout=540) == 0, resume.output()[-4000:]
     assert "resuming runs/test: 2 rounds" in resume.output()
 

@@ -25,11 +25,12 @@ from client.site_state import SiteState
 from client.guard_socket import GuardServer
 from client.isolation import COURIER_USER, Courier, open_socket_to_courier, prepare_courier
 from common.credentials import SiteKeys
+from common.errors import FedsegError
 from common.flower_env import flower_env
 from common.processes import FlowerProcess, flower_executable, free_port, run_until_stopped
 
 
-class SiteError(RuntimeError):
+class SiteError(FedsegError, RuntimeError):
     """The site cannot start or was turned away; the message says what to do."""
 
 

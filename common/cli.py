@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RUN_DEFAULTS, STRATEGIES
+from common.errors import FedsegError
 
 
 def _run_options(parser: argparse.ArgumentParser) -> None:
@@ -152,18 +153,14 @@ def _certs(args: argparse.Namespace) -> int:
 
 def _server(args: argparse.Namespace) -> int:
     from common.processes import run_until_stopped
-    from server.edge import EdgeError
-    from server.superlink import ServerFolder, ServerStartError, local_address, start_server
+    from server.superlink import ServerFolder, local_address, start_server
 
     folder = ServerFolder(Path(args.server_dir))
     if args.insecure:
         print("WARNING: --insecure: TLS is OFF (model updates and metrics travel unencrypted) and site "
               "authentication is OFF (any process that reaches the port can join as a site). Local tests only.", flush=True)
     os.umask(0o077)  # state.db (model updates), logs and the Flower connection: the coordinator's alone
-    try:
-        server = start_server(folder, args.host, args.port, args.insecure, args.allow, args.local_port, args.verbose)
-    except (ServerStartError, EdgeError) as err:
-        raise SystemExit(str(err)) from err
+    server = start_server(folder, args.host, args.port, args.insecure, args.allow, args.local_port, args.verbose)
     allowed = f"from {', '.join(args.allow)} only" if args.allow else "from any address"
     print(f"aggregation server on {args.host}:{args.port} ({'INSECURE' if args.insecure else 'TLS, site authentication on'}; "
           f"Fleet API only, {allowed}); state {folder.root / 'state.db'}; logs {folder.log_file.parent}\n"
@@ -573,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     try:
         return args.func(args)
+    except FedsegError as err:  # library code says what is wrong and what to do; only the command ends the process
+        raise SystemExit(str(err)) from err
     except FileExistsError as err:  # e.g. a refusal to overwrite a key: a message, not a traceback
         raise SystemExit(str(err)) from err
 

@@ -20,9 +20,11 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+
+from common.errors import FedsegError
 
 # Flower's INFO chatter and uvicorn's per-request access log: kept in the log file only.
 _NOISE = re.compile(r"( INFO \[uvicorn|uvicorn\.access|^INFO:\s|^\x1b\[92mINFO \x1b\[0m:|^\s*$|^\d\d/\d\d/\d{4} [\d:]+:INFO:\s*$)")
@@ -170,12 +172,20 @@ class FlowerProcess:
         return "\n".join(list(self.tail)[-lines:])
 
 
+class ProcessError(FedsegError):
+    """A Flower daemon or CLI that fedseg runs as a child cannot be started."""
+
+
+class MissingExecutable(ProcessError):
+    """A Flower console script is not installed in the environment fedseg runs in."""
+
+
 def flower_executable(name: str) -> str:
     """Flower's console script from the environment fedseg runs in, not whatever PATH finds first."""
     beside = Path(sys.executable).parent / name
     found = str(beside) if beside.is_file() else shutil.which(name)
     if not found:
-        raise SystemExit(f"{name} not found: is flwr installed in this environment ({sys.executable})?")
+        raise MissingExecutable(f"{name} not found: is flwr installed in this environment ({sys.executable})?")
     return found
 
 

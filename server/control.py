@@ -11,6 +11,7 @@ from typing import Any
 
 import tomli_w
 
+from common.errors import FedsegError
 from common.processes import FlowerProcess, flower_executable, port_open, run_until_stopped
 from server.run_record import run_status
 from server.site_names import add_site_name, read_site_names
@@ -19,16 +20,20 @@ from server.superlink import CONNECTION, ServerFolder
 APP_DIR = Path(__file__).resolve().parents[1]
 
 
+class ControlError(FedsegError):
+    """The coordinator's command cannot reach or use the running server (or `flwr` refused it)."""
+
+
 def _connection(folder: ServerFolder) -> str:
     """The server's address, after checking that `fedseg server` set it up and that it answers."""
     if not folder.connection_file.is_file():
-        raise SystemExit(f"{folder.root} is not a server folder (no {folder.connection_file}): start the server "
-                         f"first with: fedseg server {folder.root}")
+        raise ControlError(f"{folder.root} is not a server folder (no {folder.connection_file}): start the server "
+                           f"first with: fedseg server {folder.root}")
     text = folder.connection_file.read_text()
     address = re.search(r'address = "([^"]+)"', text)
     host, _, port = (address.group(1) if address else "").rpartition(":")
     if not port_open(host.strip("[]"), int(port or 0)):
-        raise SystemExit(f"no server answers at {host}:{port}: is `fedseg server {folder.root}` running?")
+        raise ControlError(f"no server answers at {host}:{port}: is `fedseg server {folder.root}` running?")
     return f"{host}:{port}"
 
 
@@ -42,7 +47,7 @@ def _flwr_json(folder: ServerFolder, args: list[str]) -> dict[str, Any]:
     start = out.find("{")
     reply = json.loads(out[start:]) if start >= 0 else {}
     if code != 0 or not reply.get("success"):
-        raise SystemExit(f"flwr {args[0]} {args[1]} failed: {reply.get('error-message') or out.strip()}")
+        raise ControlError(f"flwr {args[0]} {args[1]} failed: {reply.get('error-message') or out.strip()}")
     return reply
 
 
@@ -50,7 +55,7 @@ def register_site(folder: ServerFolder, public_key: Path, name: str) -> int:
     """Register a site's public key: only SuperNodes holding a registered key may join."""
     _connection(folder)
     if not public_key.is_file():
-        raise SystemExit(f"public key {public_key} not found: the site creates it with `fedseg site-key` (site.pub)")
+        raise ControlError(f"public key {public_key} not found: the site creates it with `fedseg site-key` (site.pub)")
     node_id = str(_flwr_json(folder, ["supernode", "register", str(public_key.resolve()), CONNECTION, "--name", name])["node-id"])
     add_site_name(folder.root, node_id, name)
     print(f"registered site {name} (node {node_id}); it can now connect with its site.key", flush=True)
@@ -70,8 +75,8 @@ def list_sites(folder: ServerFolder) -> int:
 def app_dir() -> Path:
     """The Flower app (pyproject.toml + code) that `flwr run` bundles and sends to server and sites."""
     if not (APP_DIR / "pyproject.toml").is_file():
-        raise SystemExit(f"fedseg run needs the fedseg source folder (with pyproject.toml), not found at {APP_DIR}; "
-                         "install fedseg with `pip install -e <checkout>`")
+        raise ControlError(f"fedseg run needs the fedseg source folder (with pyproject.toml), not found at {APP_DIR}; "
+                           "install fedseg with `pip install -e <checkout>`")
     return APP_DIR
 
 

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.credentials import ServerCertificates
+from common.errors import FedsegError
 from common.processes import FlowerProcess
 
 # Flower moves arrays in 5 MiB objects; one request body carries one object plus its framing.
@@ -34,7 +35,7 @@ CONNECTIONS_PER_ADDRESS = 16
 INSTALL_HINT = "install it with: sudo apt-get install nginx-light (Debian/Ubuntu; any nginx >= 1.18 works)"
 
 
-class EdgeError(RuntimeError):
+class EdgeError(FedsegError, RuntimeError):
     """The edge cannot be set up as asked (no nginx, a bad --allow network)."""
 
 

@@ -25,6 +25,7 @@ from typing import IO, NoReturn
 import tomli_w
 
 from common.credentials import ServerCertificates
+from common.errors import FedsegError
 from common.flower_env import flower_env
 from common.processes import FlowerProcess, flower_executable, free_port, port_open, wait_for_port
 from server.edge import allowed_networks, find_nginx, start_edge
@@ -34,7 +35,7 @@ LOOPBACK = "127.0.0.1"
 SPOOL_PREFIX = "fedseg-edge-"
 
 
-class ServerStartError(RuntimeError):
+class ServerStartError(FedsegError, RuntimeError):
     """The server cannot start (no certificates, port taken, a daemon died); the message says what to do."""
 
 
@@ -152,6 +153,7 @@ def start_server(folder: ServerFolder, host: str, port: int, insecure: bool, all
         if port_open(where, number):
             raise ServerStartError(f"port {number} on {where} is already in use (another server?); "
                                    "choose another with --port / --local-port")
+    command = superlink_command(folder, local_port, insecure)  # finds flower-superlink before anything is taken
     lock = _lock(folder)
     spool = _new_spool(folder)
     write_connection(folder, local_port, insecure)
@@ -164,7 +166,7 @@ def start_server(folder: ServerFolder, host: str, port: int, insecure: bool, all
         lock.close()
         raise ServerStartError(why)
 
-    started.append(FlowerProcess(superlink_command(folder, local_port, insecure), folder.env(), folder.root, folder.log_file, verbose))
+    started.append(FlowerProcess(command, folder.env(), folder.root, folder.log_file, verbose))
     if not wait_for_port(started[0], LOOPBACK, local_port):
         give_up(f"the SuperLink did not start (see {folder.log_file}):\n{started[0].output_tail(8)}")
     started.append(start_edge(folder.root, host, port, local_port, insecure, networks, spool, folder.env(), verbose))

@@ -14,14 +14,19 @@ import torch
 
 from client.guard import SiteGuard, budget_line, open_guard
 from client.site_state import SiteState
+from common.errors import FedsegError
 from common.flower_env import flower_env
+
+
+class SimulationError(FedsegError):
+    """The simulation cannot start (no sites) or did not complete."""
 
 
 def site_folders(data_root: Path) -> list[str]:
     """Each non-hidden subfolder of the data root is one site, as a hospital would lay it out."""
     sites = sorted(str(p) for p in data_root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(sites) < 1:
-        raise SystemExit(f"--data-root {data_root} has no site subfolders")
+        raise SimulationError(f"--data-root {data_root} has no site subfolders")
     return sites
 
 
@@ -87,8 +92,8 @@ def run_simulation(sites: list[str], run_dir: Path, overrides: dict[str, Any], s
     if status:
         print(f"report: {write_report(run_dir, sites)}")
     if status != "completed":
-        raise SystemExit(f"the simulation did not complete (run status: {status or 'no history.json'}); see the log above"
-                         + (f"; continue it with --resume {run_dir}" if status else ""))
+        raise SimulationError(f"the simulation did not complete (run status: {status or 'no history.json'}); see the log above"
+                              + (f"; continue it with --resume {run_dir}" if status else ""))
     print(f"simulation finished in {time.time() - started:.0f} s")
     return run_dir
 

@@ -1,4 +1,8 @@
+import ast
+import subprocess
+import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -21,3 +25,34 @@ def test_unknown_keys_and_strategies_are_rejected():
 
 def test_class_names_put_background_first():
     assert class_names({"classes": "liver, tumour"}) == ["background", "liver", "tumour"]
+
+
+REPO = Path(__file__).parents[1]
+
+
+def _project_imports(module: str) -> set[str]:
+    """Every fedseg module `module` imports, directly or not, at the top or inside a function."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((REPO / f"{name.replace('.', '/')}.py").read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            todo += [n for n in names if n.split(".")[0] in ("common", "client", "server", "simulations")]
+    return seen
+
+
+def test_the_app_bundle_carries_the_apps_and_what_they_import_and_nothing_else(tmp_path):
+    """What `flwr run` ships to every site is code those sites run: no operator tools (CLI, certificates,
+    process control, reports), which would run nowhere but could be read or swapped."""
+    built = subprocess.run([str(Path(sys.executable).parent / "flwr"), "build", "--app", str(REPO)], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stdout + built.stderr
+    with zipfile.ZipFile(next(tmp_path.glob("*.fab"))) as fab:
+        shipped = {n for n in fab.namelist() if n.endswith(".py")}
+    needed = _project_imports("server.server_app") | _project_imports("client.client_app")
+    packages = {f"{m.split('.')[0]}/__init__.py" for m in needed}
+    assert shipped == {f"{m.replace('.', '/')}.py" for m in needed} | packages

@@ -24,7 +24,7 @@ from client.site_state import SiteState
 from common.flower_env import flower_env
 from common.model import build_model
 from common.parameters import model_arrays
-from common.processes import free_port, port_open
+from common.processes import descendants, free_port, port_open
 from server.superlink import ServerFolder
 from tests.commands import Background, require_nginx
 from tests.commands import fedseg as _fedseg
@@ -135,7 +135,11 @@ def test_sites_train_over_tls_through_a_dead_hospital_and_a_server_crash_while_i
     # crashes (every process of it).
     _wait_until(lambda: any(r["round"] == 1 and "checkpoint" in r for r in _history(run_dir)["rounds"]), 480,
                 f"round 1 never completed:\n{run.output()[-3000:]}", poll=0.2)
-    os.killpg(server.proc.pid, signal.SIGKILL)
+    for pid in [server.proc.pid, *descendants(server.proc.pid)]:  # Flower starts some in sessions of their own
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     assert run.proc.wait(timeout=120) != 0  # the coordinator's follower lost the server
     assert _history(run_dir)["status"] == "running"
 

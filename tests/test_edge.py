@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from common.processes import free_port, port_open
+from common.processes import descendants, free_port, port_open
 from server import edge
 from server.superlink import ServerFolder
 from tests.commands import Background, fedseg, require_nginx
@@ -38,6 +38,14 @@ def _post(port: int, path: str, ca: Path | None, body: bytes = b"") -> tuple[int
         return response.status, response.read()
     finally:
         conn.close()
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for a parent that is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 @pytest.fixture
@@ -143,12 +151,13 @@ def test_one_server_per_folder_and_none_outlives_a_killed_fedseg(tmp_path):
     try:
         second = fedseg("server", "coordinator", "--host", PUBLIC, "--port", str(free_port(PUBLIC)), cwd=root)
         assert second.returncode != 0 and "another `fedseg server` is running" in second.stderr, second.stderr
-        assert server.group(), "the server's daemons are running"
+        daemons = descendants(server.proc.pid)  # SuperLink, nginx and its worker, and Flower's SuperExec (a session of its own)
+        assert len(daemons) >= 4, daemons
         server.proc.kill()
         deadline = time.monotonic() + 30
-        while server.group() and time.monotonic() < deadline:
+        while (alive := [pid for pid in daemons if _running(pid)]) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not server.group(), "daemons outlived fedseg"
+        assert not alive, f"daemons outlived fedseg: {alive}"
         assert not port_open(PUBLIC, port)
         killed_spool = Path((root / "coordinator" / "edge" / "spool").read_text().strip())
         assert killed_spool.is_dir()  # left behind by the kill ...

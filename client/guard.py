@@ -167,6 +167,7 @@ class SiteGuard:
         return plan
 
     def train(self, run: str, server_round: int, request: Mapping[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
+        started = time.perf_counter()  # the site's whole work on the request (checks, planning, training, ledger)
         settings, classes, size = self._settings(server_round, request)
         data = self.data(classes, size)
         model = self._model(classes, arrays)
@@ -176,7 +177,6 @@ class SiteGuard:
             planned = self.ledger.epsilon(self.policy.delta, [plan.event])
             if planned > self.policy.epsilon_budget:
                 raise Refusal("budget_exhausted")
-            started = time.perf_counter()
             loss = train_round(model, data.train, settings, plan, self.policy.slices_per_patient, self.device)
             out = model_arrays(model)
             # The training loss stays here: it is the chosen weights' loss on the patients, outside any ε.
@@ -192,6 +192,7 @@ class SiteGuard:
         return {"status": "ok", "code": "", "site": self.name, "metrics": metrics}, out
 
     def validate(self, run: str, server_round: int, request: Mapping[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
+        started = time.perf_counter()
         settings, classes, size = self._settings(server_round, request)
         data = self.data(classes, size)
         model = self._model(classes, arrays)
@@ -201,7 +202,6 @@ class SiteGuard:
             trained_here = self._trained(run, server_round)
             if not self._may_validate(run, server_round):
                 raise Refusal("validation_limit")
-            started = time.perf_counter()
             measured = evaluate(model, data, len(classes), self.device)
             metrics = self._released(measured)
             metrics.update({"num-examples": self.policy.binned(len(data.validation)), "seconds": round(time.perf_counter() - started, 1),

@@ -78,6 +78,7 @@ class RunRecord:
         self.status = "running"
         self.started = time.time()
         self.elapsed_before = 0.0
+        self.clocked: set[int] = set()  # rounds whose messages went out in this process
 
     @classmethod
     def resume(cls, run_dir: str | Path, config: dict[str, Any]) -> tuple[RunRecord, dict[str, Any], int]:
@@ -114,6 +115,13 @@ class RunRecord:
 
     def round(self, server_round: int) -> dict[str, Any]:
         return self.rounds.setdefault(server_round, {"round": server_round, "sites": {}, "started": time.time()})
+
+    def start_round(self, server_round: int) -> None:
+        """The round's clock starts when its first messages go out: time spent waiting for sites to
+        come online is the federation's, not the round's (it shows as the gap between rounds)."""
+        if server_round not in self.clocked:  # a retry keeps the first attempt's start
+            self.clocked.add(server_round)
+            self.round(server_round)["started"] = time.time()
 
     def site(self, server_round: int, site: str) -> dict[str, Any]:
         return self.round(server_round)["sites"].setdefault(site, {})

@@ -67,6 +67,7 @@ def _train(grid: Grid, strategy: FederationStrategy, server_round: int, arrays: 
             validate = "dice" not in strategy.record.round(server_round - 1)
             messages = strategy.configure_train(server_round, arrays, ConfigRecord({**dict(site_config), VALIDATE_RECEIVED: validate}), grid)
             progress(f"round {server_round}: training at {len(messages)} sites" + (f" (and validating round {server_round - 1}'s global model)" if validate else ""))
+            strategy.record.start_round(server_round)
             replies = exchange(grid, messages, timeout)
             aggregated, _ = strategy.aggregate_train(server_round, replies)
             if aggregated is not None:

@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
+import psutil
+
 from common.errors import FedsegError
 
 # Flower's INFO chatter and uvicorn's per-request access log: kept in the log file only.
@@ -57,36 +59,30 @@ def adopt_orphans() -> None:
         _PRCTL(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-def _process_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, state) for every process we can see."""
-    table = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        table[int(stat.parent.name)] = (int(fields[1]), fields[0])
-    return table
+def _alive(proc: psutil.Process) -> bool:
+    """Running, or stopped, or sleeping: anything but gone or a zombie waiting to be collected."""
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def descendants(pid: int) -> list[int]:
-    """Live (non-zombie) descendants of `pid`, parents before children."""
-    table = _process_table()
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        children = [p for p, (pp, state) in table.items() if pp == parent and state != "Z"]
-        found += children
-        frontier += children
-    return found
+    """Live (non-zombie) descendants of `pid`, parents before children. Found by parent links, not by
+    process group or session: Flower's SuperExec runs in a session of its own."""
+    try:
+        below = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [child.pid for child in below if _alive(child)]
 
 
 def reap_orphans(keep: Sequence[int] = ()) -> None:
     """Collect adopted orphans that have exited (all our zombie children but `keep`, which Popen owns)."""
-    for pid, (parent, state) in _process_table().items():
-        if parent == os.getpid() and state == "Z" and pid not in keep:
+    for child in psutil.Process().children():
+        if child.pid not in keep and not _alive(child):
             try:
-                os.waitpid(pid, os.WNOHANG)
+                os.waitpid(child.pid, os.WNOHANG)
             except ChildProcessError:
                 pass
 

@@ -3,9 +3,15 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
+import shutil
+import tempfile
 import time
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +23,7 @@ from server.run_record import run_status
 from server.site_names import add_site_name, read_site_names
 from server.superlink import CONNECTION, ServerFolder
 
-APP_DIR = Path(__file__).resolve().parents[1]
+APP_DIR = Path(__file__).resolve().parents[1]  # the checkout, or site-packages when installed
 
 
 class ControlError(FedsegError):
@@ -72,12 +78,53 @@ def list_sites(folder: ServerFolder) -> int:
     return 0
 
 
-def app_dir() -> Path:
-    """The Flower app (pyproject.toml + code) that `flwr run` bundles and sends to server and sites."""
-    if not (APP_DIR / "pyproject.toml").is_file():
-        raise ControlError(f"fedseg run needs the fedseg source folder (with pyproject.toml), not found at {APP_DIR}; "
-                           "install fedseg with `pip install -e <checkout>`")
-    return APP_DIR
+def _is_fedseg_manifest(path: Path) -> bool:
+    try:
+        return tomllib.loads(path.read_text())["project"]["name"] == "fedseg"
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return False
+
+
+def _installed_manifest() -> Path | None:
+    """The pyproject.toml a (non-editable) install of fedseg carries as data (share/fedseg/pyproject.toml)."""
+    try:
+        files = importlib.metadata.distribution("fedseg").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.name == "pyproject.toml" and file.parent.name == "fedseg":
+            path = Path(file.locate()).resolve()
+            if _is_fedseg_manifest(path):
+                return path
+    return None
+
+
+@contextmanager
+def flower_app() -> Iterator[Path]:
+    """The Flower app (pyproject.toml + code) that `flwr run` bundles and sends to server and sites.
+
+    From a checkout, the checkout itself. From an installed fedseg, a temporary folder (removed on
+    leaving the block) holding the installed pyproject.toml and the files its fab-include names,
+    copied from where the packages are installed."""
+    if _is_fedseg_manifest(APP_DIR / "pyproject.toml"):
+        yield APP_DIR
+        return
+    manifest = _installed_manifest()
+    if manifest is None:
+        raise ControlError(f"fedseg run needs fedseg's pyproject.toml (the Flower app's manifest): neither at {APP_DIR} "
+                           "nor installed with the package (share/fedseg/pyproject.toml); reinstall fedseg")
+    include = tomllib.loads(manifest.read_text())["tool"]["flwr"]["app"]["fab-include"]
+    with tempfile.TemporaryDirectory(prefix="fedseg-app-") as tmp:
+        app = Path(tmp) / "fedseg"
+        app.mkdir()
+        shutil.copyfile(manifest, app / "pyproject.toml")
+        for name in include:
+            source = APP_DIR / name
+            if not source.is_file():
+                raise ControlError(f"the installed fedseg lacks {name} (under {APP_DIR}), which the Flower app needs; reinstall fedseg")
+            (app / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, app / name)
+        yield app
 
 
 def start_run(folder: ServerFolder, run_config: dict[str, Any], verbose: bool = False) -> int:
@@ -91,7 +138,8 @@ def start_run(folder: ServerFolder, run_config: dict[str, Any], verbose: bool = 
     request = folder.root / "logs" / f"run-{stamp}.toml"
     request.parent.mkdir(parents=True, exist_ok=True)
     request.write_text(tomli_w.dumps(run_config))
-    run_id = str(_flwr_json(folder, ["run", str(app_dir()), CONNECTION, "--run-config", str(request.resolve())])["run-id"])
+    with flower_app() as app:
+        run_id = str(_flwr_json(folder, ["run", str(app), CONNECTION, "--run-config", str(request.resolve())])["run-id"])
     run_dir = folder.root / run_config["run-dir"]
     print(f"run {run_id} started on {address}; run folder {run_dir}; config {request}", flush=True)
     follow = flwr(folder, ["log", run_id, CONNECTION, "--stream"], verbose, folder.root / "logs" / f"run-{stamp}.log")

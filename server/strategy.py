@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 from common.array_codec import arrays_sha256
 from common.site_reply import VALIDATE_RECEIVED, ReplyError, SiteReply, claimed_name, pack, received_validation, weights_of
 from server.run_record import RunRecord
-from server.update_check import CLIP_RATIO, clip_bounds, median_of_others, screen_updates, update_norm
+from server.update_check import CLIP_RATIO, clip_bounds, median_of_others, screen_updates
 
 log = logging.getLogger("fedseg.server")
 
@@ -240,12 +240,12 @@ class FederationStrategy(Strategy):
             # The digest the site's audit log names for this release: a privacy officer can match them.
             entry["update_sha256"] = arrays_sha256(weights)
             trained[name] = msg
-        rejected = screen_updates({n: m.content["arrays"] for n, m in trained.items()}, self.sent, self.max_norm_ratio)
-        for name, reason in rejected.items():
+        screening = screen_updates({n: m.content["arrays"] for n, m in trained.items()}, self.sent, self.max_norm_ratio)
+        for name, reason in screening.rejected.items():
             self.record.site(server_round, name).update(status="rejected", reason=reason)
             self.progress(f"  round {server_round} {name}: update rejected, left out of the average: {reason}")
             del trained[name]
-        self._clip(server_round, trained)
+        self._clip(server_round, trained, screening.norms)
         self._weigh(server_round, trained, "weight", "examples")
         for name in trained:
             s = self.record.site(server_round, name)
@@ -287,11 +287,12 @@ class FederationStrategy(Strategy):
         self.progress(f"round {server_round}: aggregated validation Dice {dice:.3f} ({detail})")
         return metrics
 
-    def _clip(self, server_round: int, trained: dict[str, Message]) -> None:
+    def _clip(self, server_round: int, trained: dict[str, Message], update_norms: dict[str, float]) -> None:
         """Scales each update longer than CLIP_RATIO × the median of the other sites' down to that
         bound (direction kept): an update steering the model from just under the rejection limit
-        then moves it at most CLIP_RATIO times as far as a typical site's, not 10 times."""
-        norms = {name: update_norm(msg.content["arrays"], self.sent) for name, msg in trained.items()}
+        then moves it at most CLIP_RATIO times as far as a typical site's, not 10 times. `update_norms`:
+        the screening's norms of these updates (as sent, against `self.sent`), not computed again."""
+        norms = {name: update_norms[name] for name in trained}
         for name, norm in norms.items():
             self.record.site(server_round, name)["update_norm"] = norm
         for name, bound in clip_bounds(norms).items():

@@ -4,6 +4,7 @@ corrupted transfer, a poisoned site) must not reach a global model that took day
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord
@@ -53,14 +54,24 @@ def update_norm(arrays: ArrayRecord, global_arrays: Mapping[str, np.ndarray]) ->
     return float(np.sqrt(sum(float(np.sum((a.numpy().astype(np.float64) - global_arrays[k]) ** 2)) for k, a in arrays.items())))
 
 
+@dataclass
+class Screening:
+    """What `screen_updates` found: the reason each rejected site's update is left out (sites not named
+    pass), and the update norm of every well-formed update, computed once for the screening and for
+    whatever later needs it (the strategy's clipping and its record)."""
+
+    rejected: dict[str, str] = field(default_factory=dict)
+    norms: dict[str, float] = field(default_factory=dict)
+
+
 def screen_updates(updates: Mapping[str, ArrayRecord], global_arrays: Mapping[str, np.ndarray],
-                   max_norm_ratio: float) -> dict[str, str]:
-    """The reason each rejected site's update is left out; sites not named pass.
+                   max_norm_ratio: float) -> Screening:
+    """Each update checked as `malformed` and, if well formed, by its norm.
 
     A norm is compared with the median of the *other* sites' norms, so with two sites the extreme
     one is caught, not both. `max_norm_ratio <= 0` turns the norm check off."""
-    rejected: dict[str, str] = {}
-    norms: dict[str, float] = {}
+    screening = Screening()
+    rejected, norms = screening.rejected, screening.norms
     for site, arrays in updates.items():
         reason = malformed(arrays, global_arrays)
         if reason:
@@ -73,4 +84,4 @@ def screen_updates(updates: Mapping[str, ArrayRecord], global_arrays: Mapping[st
             if norm > max_norm_ratio * max(others, 1e-12):
                 rejected[site] = (f"update norm {norm:.3g} is {norm / max(others, 1e-12):.0f}x the median of the other "
                                   f"sites' ({others:.3g}); the limit is {max_norm_ratio:g}x")
-    return rejected
+    return screening

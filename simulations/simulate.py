@@ -67,6 +67,10 @@ def run_simulation(sites: list[str], run_dir: Path, overrides: dict[str, Any], s
                    faults: dict[int, list[str]] | None = None, cpus_per_site: float = 1.0) -> Path:
     """Train over `sites` (site folders, each with its guard state under `state_root`) and leave
     checkpoints, history and summary in `run_dir`."""
+    # Deprecated in flwr 1.41 (it logs a warning), but the only public way to run these app *objects*: the
+    # replacement, `flwr run` against a SuperLink in simulation mode, installs a FAB in a `flwr-simulation`
+    # process and loads the apps there by name (pyproject's components), so the in-process guards and the
+    # fault mods built below could not be passed in.
     from flwr.simulation import run_simulation as flower_run_simulation
 
     from client.client_app import build_client_app

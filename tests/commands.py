@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).parents[1]
@@ -38,20 +39,31 @@ class Background:
             assert time.monotonic() < deadline, f"no {text!r} after {timeout} s:\n{self.output()[-3000:]}"
             time.sleep(0.5)
 
-    def group(self) -> list[int]:
-        """Live processes in this command's process group (it and everything it started)."""
-        alive = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
+    def _started(self) -> list[psutil.Process]:
+        """This command and what it started, by parent links (Flower's SuperExec runs in a session of its
+        own, outside the process group) and by process group (what was orphaned and re-parented)."""
+        try:
+            found = [psutil.Process(self.proc.pid)]
+            found += found[0].children(recursive=True)
+        except psutil.NoSuchProcess:
+            found = []
+        seen = {p.pid for p in found}
+        for proc in psutil.process_iter():
             try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == self.proc.pid and fields[0] != "Z":
-                alive.append(int(stat.parent.name))
-        return alive
+                if proc.pid not in seen and os.getpgid(proc.pid) == self.proc.pid:
+                    found.append(proc)
+            except OSError:  # gone
+                pass
+        return found
+
+    def group(self) -> list[int]:
+        """Live processes of this command: it and everything it started (its process group and its descendants)."""
+        return [p.pid for p in self._started() if _alive(p)]
 
     def stop(self) -> list[int]:
-        """SIGTERM to fedseg alone (it must stop its children); returns what was still alive after it."""
+        """SIGTERM to fedseg alone (it must stop its children); returns what was still alive after it,
+        including helpers in sessions of their own that fedseg started (seen before it was told to stop)."""
+        started = self._started()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -59,10 +71,25 @@ class Background:
             except subprocess.TimeoutExpired:
                 pass
         time.sleep(1)
-        leftovers = self.group()
+        leftovers = [p for p in {p.pid: p for p in [*started, *self._started()]}.values() if _alive(p)]
         if leftovers:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        return leftovers
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for proc in leftovers:  # those in sessions of their own
+            try:
+                proc.kill()  # psutil checks the pid was not reused meanwhile
+            except psutil.NoSuchProcess:
+                pass
+        return [p.pid for p in leftovers]
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def require_nginx() -> None:

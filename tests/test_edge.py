@@ -11,6 +11,7 @@ import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 
 from common.processes import descendants, free_port, port_open
@@ -43,8 +44,8 @@ def _post(port: int, path: str, ca: Path | None, body: bytes = b"") -> tuple[int
 def _running(pid: int) -> bool:
     """Alive and not a zombie waiting for a parent that is gone."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
 
 

@@ -16,7 +16,7 @@ from common.site_reply import pack, reply_content, unpack, weights_content
 from server.run_record import ResumeError, RunRecord, run_status
 from server.server_app import run_federation
 from server.strategy import AggregatorError, FederationStrategy, build_strategy, check_aggregator
-from server.update_check import screen_updates
+from server.update_check import screen_updates, update_norm
 
 GLOBAL = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
 
@@ -55,15 +55,19 @@ def test_screening_rejects_malformed_and_extreme_updates_and_passes_the_rest():
         "names": ArrayRecord({"w": Array(GLOBAL["w"]), "extra": Array(GLOBAL["b"])}),
         "huge": _arrays(1.0),  # 100x the honest sites' change
     }
-    rejected = screen_updates(updates, GLOBAL, max_norm_ratio=10.0)
+    screening = screen_updates(updates, GLOBAL, max_norm_ratio=10.0)
+    rejected = screening.rejected
     assert set(rejected) == {"nan", "inf", "shape", "dtype", "names", "huge"}
+    # Every well-formed update's norm is kept (the strategy clips and records with them, not recomputing).
+    assert set(screening.norms) == {"honest-1", "honest-2", "honest-3", "huge"}
+    assert screening.norms["huge"] == pytest.approx(update_norm(updates["huge"], GLOBAL))
     assert "NaN or Inf" in rejected["nan"] and "NaN or Inf" in rejected["inf"]
     assert "shape (3, 3)" in rejected["shape"] and "float64" in rejected["dtype"]
     assert "missing ['b']" in rejected["names"] and "unexpected ['extra']" in rejected["names"]
     assert "100x the median" in rejected["huge"]
     # Two sites: the extreme one is caught, not both; the check can be turned off.
-    assert set(screen_updates({"a": _arrays(0.01), "b": _arrays(1.0)}, GLOBAL, 10.0)) == {"b"}
-    assert screen_updates({"a": _arrays(0.01), "b": _arrays(1.0)}, GLOBAL, 0.0) == {}
+    assert set(screen_updates({"a": _arrays(0.01), "b": _arrays(1.0)}, GLOBAL, 10.0).rejected) == {"b"}
+    assert screen_updates({"a": _arrays(0.01), "b": _arrays(1.0)}, GLOBAL, 0.0).rejected == {}
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedmedian", "fedtrimmedavg", "krum"])
@@ -328,6 +332,19 @@ def test_a_steering_update_just_under_the_rejection_limit_is_scaled_down(tmp_pat
     assert steer["update_norm"] == pytest.approx(9.5 * median, rel=1e-5) and steer["clipped_to"] == pytest.approx(3 * median)
     np.testing.assert_allclose(arrays["w"].numpy(), (4 * 0.01 - 0.03) / 5, atol=1e-6)  # unclipped: -0.011
     assert "clipped_to" not in fed.record.round(1)["sites"]["h1"]
+
+
+def test_each_update_norm_is_computed_once_per_round(tmp_path, monkeypatch):
+    """The screening's norms are the ones clipping and the record use: one pass over each update."""
+    from server import strategy, update_check
+
+    calls, real = [], update_check.update_norm
+    for module in (update_check, strategy):  # wherever a norm could be computed
+        monkeypatch.setattr(module, "update_norm", lambda arrays, sent: calls.append(1) or real(arrays, sent), raising=False)
+    fed = _federation(tmp_path, 5)
+    fed.aggregate_train(1, [*(_reply(n, f"h{n}", _arrays(0.01)) for n in (1, 2, 3, 4)), _reply(5, "steer", _arrays(-0.095))])
+    assert len(calls) == 5
+    assert fed.record.round(1)["sites"]["steer"]["clipped_to"] > 0
 
 
 DROP = object()  # a `_broken` value: delete the key

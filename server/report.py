@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from common.config import class_names  # noqa: E402
+from common.errors import FedsegError  # noqa: E402
 from common.metrics import class_metrics, foreground_dice  # noqa: E402
 from common.model import load_global_model  # noqa: E402
 from common.overlays import draw_overlays, most_labelled_slices  # noqa: E402
@@ -24,6 +25,19 @@ from server.run_record import cell, history_number  # noqa: E402
 
 STATUS_COLOURS = {"ok": "#2ca02c", "rejected": "#d62728", "budget_exhausted": "#ff7f0e", "train_failed": "#7f7f7f",
                   "evaluate_failed": "#7f7f7f", "no_reply": "#000000"}
+
+
+class ReportError(FedsegError):
+    """No report can be drawn: the folder holds no run, or the data root no site."""
+
+
+def data_root_sites(data_root: Path) -> list[str]:
+    """The site folders of a data root, to draw predictions on: each non-hidden subfolder is one site,
+    as a hospital (and `fedseg simulate --data-root`) lays them out."""
+    sites = sorted(str(p) for p in data_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not sites:
+        raise ReportError(f"--data-root {data_root} has no site subfolders")
+    return sites
 
 
 def _series(history: dict, key: str) -> dict[str, tuple[list[int], list[float]]]:

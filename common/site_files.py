@@ -12,6 +12,22 @@ import os
 from pathlib import Path
 from typing import Protocol
 
+from common.errors import FedsegError
+
+
+
+class NoSites(FedsegError):
+    """A data root without any site folder."""
+
+
+def site_folders(data_root: Path) -> list[str]:
+    """Each non-hidden subfolder of a data root is one site, as a hospital (and `fedseg simulate
+    --data-root`) lays them out."""
+    sites = sorted(str(p) for p in data_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not sites:
+        raise NoSites(f"--data-root {data_root} has no site subfolders")
+    return sites
+
 
 class SkipReport(Protocol):
     """Where a path that is not used is named, with why (the load report)."""

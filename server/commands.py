@@ -74,11 +74,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from server.report import ReportError, data_root_sites, write_report
+    from common.site_files import site_folders
+    from server.report import ReportError, write_report
 
     if not (Path(args.run_dir) / "history.json").is_file():
         raise ReportError(f"{args.run_dir} holds no run (no history.json)")
-    sites = data_root_sites(Path(args.data_root)) if args.data_root else []
+    sites = site_folders(Path(args.data_root)) if args.data_root else []
     print(f"report: {write_report(args.run_dir, sites)}")
     return 0
 

@@ -31,15 +31,6 @@ class ReportError(FedsegError):
     """No report can be drawn: the folder holds no run, or the data root no site."""
 
 
-def data_root_sites(data_root: Path) -> list[str]:
-    """The site folders of a data root, to draw predictions on: each non-hidden subfolder is one site,
-    as a hospital (and `fedseg simulate --data-root`) lays them out."""
-    sites = sorted(str(p) for p in data_root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not sites:
-        raise ReportError(f"--data-root {data_root} has no site subfolders")
-    return sites
-
-
 def _series(history: dict, key: str) -> dict[str, tuple[list[int], list[float]]]:
     """Per site: the rounds that have `key`, and its values."""
     out: dict[str, tuple[list[int], list[float]]] = {}

@@ -329,7 +329,7 @@ def run_deployment_bench(plan_name: str, out: Path, cache: Path, repeats: int = 
     """Only the plan's deployment row, `repeats` times (a fresh server and fresh sites each time):
     round wall time ÷ the slowest site's compute, with its spread."""
     from simulations.federation import build_federation
-    from simulations.simulate import site_folders
+    from common.site_files import site_folders
 
     plan = PLANS[plan_name]
     out.mkdir(parents=True, exist_ok=True)
@@ -353,7 +353,7 @@ def run_deployment_bench(plan_name: str, out: Path, cache: Path, repeats: int = 
 def run_bench(plan_name: str, out: Path, cache: Path, deployment: bool, progress=print) -> dict[str, Any]:
     """Every benchmark of the plan; results.json, table.md and plots in `out`."""
     from simulations.federation import build_federation
-    from simulations.simulate import site_folders
+    from common.site_files import site_folders
 
     plan = PLANS[plan_name]
     out.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,8 @@ def _simulate(args: argparse.Namespace) -> int:
     from client.site_policy import PolicyError
     from simulations.faults import parse_faults
     from simulations.federation import build_federation
-    from simulations.simulate import SimulationError, budget_for, prepare_sites, run_simulation, site_folders, site_policy_for
+    from common.site_files import site_folders
+    from simulations.simulate import SimulationError, budget_for, prepare_sites, run_simulation, site_policy_for
 
     try:
         faults = parse_faults(args.fault)
@@ -62,7 +63,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _demo_data(args: argparse.Namespace) -> int:
     from simulations.federation import build_federation
-    from simulations.simulate import site_folders
+    from common.site_files import site_folders
 
     root = build_federation(Path(args.out), args.sites, args.seed, args.size)
     print("synthetic site folders (DICOM series + DICOM-SEG), one per hospital:\n" + "\n".join(f"  {s}" for s in site_folders(root)))

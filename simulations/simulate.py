@@ -22,14 +22,6 @@ class SimulationError(FedsegError):
     """The simulation cannot start (no sites) or did not complete."""
 
 
-def site_folders(data_root: Path) -> list[str]:
-    """Each non-hidden subfolder of the data root is one site, as a hospital would lay it out."""
-    sites = sorted(str(p) for p in data_root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(sites) < 1:
-        raise SimulationError(f"--data-root {data_root} has no site subfolders")
-    return sites
-
-
 def site_policy_for(overrides: dict[str, Any], epsilon_budget: float) -> dict[str, Any]:
     """A simulated site's policy: what the researcher's run asks for is what the site allows."""
     private = math.isfinite(float(overrides["target-epsilon"])) or float(overrides["noise-multiplier"]) > 0

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 COURIER_USER = "fedseg-courier"
 
@@ -70,11 +73,25 @@ def _as_user(uid: int, gid: int, code: str, *args: str) -> subprocess.CompletedP
                           text=True, timeout=120, cwd="/", env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
 
 
+def sweep_stale_folders(temp: Path | None = None) -> list[Path]:
+    """Remove the socket and courier folders of sites that died without cleaning up (SIGKILL, power
+    loss): their names carry the pid of the `fedseg site` that made them, and that pid is gone."""
+    removed = []
+    for kind in ("guard", "courier"):
+        for folder in Path(temp or tempfile.gettempdir()).glob(f"fedseg-{kind}-*-*"):
+            pid = folder.name.split("-")[2]
+            if pid.isdigit() and not psutil.pid_exists(int(pid)) and folder.is_dir() and not folder.is_symlink():
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+    return removed
+
+
 def prepare_courier(site_root: Path, data_dir: Path, user: str = COURIER_USER) -> Courier:
     """Folders and checks for the courier; as root, a separate user, else the same one."""
     site_root.mkdir(parents=True, exist_ok=True)
-    socket_dir = Path(tempfile.mkdtemp(prefix="fedseg-guard-"))
-    home = Path(tempfile.mkdtemp(prefix="fedseg-courier-"))
+    sweep_stale_folders()
+    socket_dir = Path(tempfile.mkdtemp(prefix=f"fedseg-guard-{os.getpid()}-"))
+    home = Path(tempfile.mkdtemp(prefix=f"fedseg-courier-{os.getpid()}-"))
     if os.geteuid() != 0:
         return Courier(None, None, None, home, socket_dir)
     account = ensure_user(user)

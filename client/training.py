@@ -2,7 +2,7 @@
 validation of a model on the site's held-out patients.
 
 Each step Poisson-samples patients (not slices); a sampled patient contributes a fixed number of its
-slices, drawn by the site, and the gradient of that patient's loss is clipped as one (per-patient
+slices, drawn by the site from that patient's own labels (foreground-oversampled), and the gradient of that patient's loss is clipped as one (per-patient
 gradients by `torch.func.vmap`; clipping, noise and averaging by Opacus' DPOptimizer). Opacus' RDP
 accountant over (σ, patient sampling rate, steps) then bounds what any one patient can change.
 The sampler and the noise draw from a generator the site seeds from the OS: nobody who knows the run
@@ -71,11 +71,42 @@ def os_seeded_generator(device: torch.device) -> torch.Generator:
 
 
 def _slices(patient: Patient, count: int, generator: torch.Generator) -> np.ndarray:
-    """`count` of the patient's slices (with replacement only when it has fewer)."""
+    """`count` of the patient's slices, foreground-oversampled as nnU-Net does: when the patient has
+    foreground, at least half of them (as far as it has such slices) show its rarest foreground class.
+
+    The choice reads this patient's own labels only (the patient is the privacy unit: this is its own
+    processing, like augmentation); no statistic over other patients enters. With replacement only
+    when the patient has fewer slices than `count`."""
     n = len(patient.images)
-    if n >= count:
-        return torch.randperm(n, generator=generator)[:count].numpy()
-    return torch.randint(n, (count,), generator=generator).numpy()
+    labels = patient.masks.reshape(n, -1)
+    present = np.bincount(labels.ravel(), minlength=2)[1:]
+    if not present.any():
+        return _draw(np.arange(n), count, generator)
+    rarest = 1 + int(np.argmin(np.where(present > 0, present, np.iinfo(np.int64).max)))
+    showing = np.flatnonzero((labels == rarest).any(axis=1))
+    others = np.setdiff1d(np.arange(n), showing)
+    wanted = min(len(showing), max(math.ceil(count / 2), count - len(others)))
+    chosen = _draw(showing, wanted, generator)
+    rest = _draw(others, min(count - wanted, len(others)), generator)
+    picked = np.concatenate([chosen, rest])
+    return picked if len(picked) == count else np.concatenate([picked, _draw(np.arange(n), count - len(picked), generator)])
+
+
+def _draw(pool: np.ndarray, count: int, generator: torch.Generator) -> np.ndarray:
+    """`count` of `pool` without replacement (with it only when the pool is smaller)."""
+    if count <= 0 or len(pool) == 0:
+        return pool[:0]
+    if len(pool) >= count:
+        return pool[torch.randperm(len(pool), generator=generator)[:count].numpy()]
+    return pool[torch.randint(len(pool), (count,), generator=generator).numpy()]
+
+
+def round_learning_rate(settings: TrainSettings) -> float:
+    """The run's learning rate, cosine-decayed over the rounds from its full value (round 1) towards a
+    tenth: late rounds add less DP noise to the weights, so the last global model does not swing from
+    round to round (measured). A function of the round number only: data-independent."""
+    progress = (settings.server_round - 1) / max(1, settings.num_rounds)
+    return settings.learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
 def train_round(model: torch.nn.Module, patients: Sequence[Patient], settings: TrainSettings, plan: RoundPlan,
@@ -88,17 +119,18 @@ def train_round(model: torch.nn.Module, patients: Sequence[Patient], settings: T
     names = [n for n, _ in model.named_parameters()]
     buffers = {n: b.detach() for n, b in model.named_buffers()}
     expected_batch = plan.sample_rate * len(patients)
-    optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=settings.learning_rate, momentum=settings.momentum)
+    lr = round_learning_rate(settings)
+    optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=settings.momentum)
     if plan.noise_multiplier > 0:
         optimizer = DPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=settings.max_grad_norm,
                                 expected_batch_size=expected_batch, generator=noise, secure_mode=True)
-    loss_fn = patient_loss()
+    num_classes = model.state_dict()[names[-1]].shape[0]
+    loss_fn = patient_loss(num_classes)
 
     def loss_of(params: dict[str, torch.Tensor], images: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
         return loss_fn(functional_call(model, (params, buffers), (images,)), onehot)
 
     per_patient = vmap(grad_and_value(loss_of), in_dims=(None, 0, 0))
-    num_classes = model.state_dict()[names[-1]].shape[0]
     sampler = UniformWithReplacementSampler(num_samples=len(patients), sample_rate=plan.sample_rate, generator=noise, steps=plan.steps)
     losses: list[float] = []
     for batch in sampler:
@@ -123,7 +155,7 @@ def train_round(model: torch.nn.Module, patients: Sequence[Patient], settings: T
         if settings.proximal_mu > 0:  # FedProx pull towards the global model: data-independent
             with torch.no_grad():
                 for p, g in zip(model.parameters(), global_weights):
-                    p.sub_(settings.learning_rate * settings.proximal_mu * (p - g))
+                    p.sub_(lr * settings.proximal_mu * (p - g))
     return float(np.mean(losses)) if losses else math.nan
 
 

@@ -341,3 +341,25 @@ def test_server_records_a_refusing_site_and_aggregates_the_others(tiny_site, tmp
     sites = record.round(1)["sites"]
     assert sites["north"]["status"] == "ok" and sites["south"]["status"] == "refused"
     assert sites["south"]["reason"] == "budget_exhausted"
+
+
+def test_slice_choice_oversamples_the_patients_rarest_class_from_its_own_labels():
+    """At least half of a sampled patient's slices show its rarest foreground class (nnU-Net-style
+    oversampling), read from that patient's labels alone; patients without foreground draw at random."""
+    import torch
+
+    from client.training import _slices
+    from common.dataset import Patient
+
+    masks = np.zeros((8, 1, 8, 8), np.uint8)
+    masks[:, 0, :3, :3] = 1  # organ on every slice
+    masks[[2, 5], 0, 5, 5] = 2  # lesion on two of eight
+    patient = Patient("p", np.zeros((8, 1, 8, 8), np.float32), masks)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        chosen = _slices(patient, 4, generator)
+        assert len(chosen) == 4 and len(set(chosen)) == 4 and {2, 5} <= set(chosen.tolist())
+    few = Patient("q", np.zeros((2, 1, 8, 8), np.float32), masks[[0, 2]])
+    assert len(_slices(few, 4, generator)) == 4  # with replacement only when the patient has too few
+    empty = Patient("r", np.zeros((8, 1, 8, 8), np.float32), np.zeros_like(masks))
+    assert len(set(_slices(empty, 4, generator).tolist())) == 4

@@ -167,9 +167,12 @@ class SiteGuard:
         return plan
 
     def train(self, run: str, server_round: int, request: Mapping[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
-        started = time.perf_counter()  # the site's whole work on the request (checks, planning, training, ledger)
         settings, classes, size = self._settings(server_round, request)
         data = self.data(classes, size)
+        # From here: the site's work on the request (model, planning, training). A first load of the data
+        # for these classes and size stays outside: the coordinator could force one, and its time says
+        # how many files and patients the site holds.
+        started = time.perf_counter()
         model = self._model(classes, arrays)
         plan = self.plan(settings, len(data.train))
         with self.ledger.locked():
@@ -192,9 +195,9 @@ class SiteGuard:
         return {"status": "ok", "code": "", "site": self.name, "metrics": metrics}, out
 
     def validate(self, run: str, server_round: int, request: Mapping[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
-        started = time.perf_counter()
         settings, classes, size = self._settings(server_round, request)
         data = self.data(classes, size)
+        started = time.perf_counter()  # as for training: the data's first load stays outside
         model = self._model(classes, arrays)
         if not data.validation:
             raise Refusal("data_unusable")

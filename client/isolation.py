@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,7 @@ class Courier:
     uid: int | None
     gid: int | None
     home: Path  # its FLWR_HOME: where Flower installs the app bundle
-    socket_dir: Path  # where the guard's socket lives
+    socket_dir: Path  # the guard's socket and the courier's launcher: only the guard's user writes here
 
     @property
     def isolated(self) -> bool:
@@ -73,23 +74,37 @@ def _as_user(uid: int, gid: int, code: str, *args: str) -> subprocess.CompletedP
                           text=True, timeout=120, cwd="/", env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
 
 
-def sweep_stale_folders(temp: Path | None = None) -> list[Path]:
+def _uid_of(user: str) -> int | None:
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return None
+
+
+def sweep_stale_folders(temp: Path | None = None, courier_uid: int | None = None) -> list[Path]:
     """Remove the socket and courier folders of sites that died without cleaning up (SIGKILL, power
-    loss): their names carry the pid of the `fedseg site` that made them, and that pid is gone."""
+    loss): their names carry the pid of the `fedseg site` that made them, that pid is gone, and they
+    belong to this user (or, for a courier's folder, to the courier user). Never through a link."""
     removed = []
-    for kind in ("guard", "courier"):
+    owners = {"guard": {os.geteuid()}, "courier": {os.geteuid(), courier_uid}}
+    for kind, allowed in owners.items():
         for folder in Path(temp or tempfile.gettempdir()).glob(f"fedseg-{kind}-*-*"):
             pid = folder.name.split("-")[2]
-            if pid.isdigit() and not psutil.pid_exists(int(pid)) and folder.is_dir() and not folder.is_symlink():
+            try:
+                info = folder.lstat()
+            except OSError:
+                continue
+            if pid.isdigit() and not psutil.pid_exists(int(pid)) and stat.S_ISDIR(info.st_mode) and info.st_uid in allowed:
                 shutil.rmtree(folder, ignore_errors=True)
-                removed.append(folder)
+                if not os.path.lexists(folder):
+                    removed.append(folder)
     return removed
 
 
 def prepare_courier(site_root: Path, data_dir: Path, user: str = COURIER_USER) -> Courier:
     """Folders and checks for the courier; as root, a separate user, else the same one."""
     site_root.mkdir(parents=True, exist_ok=True)
-    sweep_stale_folders()
+    sweep_stale_folders(courier_uid=_uid_of(user))
     socket_dir = Path(tempfile.mkdtemp(prefix=f"fedseg-guard-{os.getpid()}-"))
     home = Path(tempfile.mkdtemp(prefix=f"fedseg-courier-{os.getpid()}-"))
     if os.geteuid() != 0:

@@ -97,12 +97,13 @@ def supernode_command(folder: SiteFolder, server: str, ca_cert: Path | None, run
     return command + ["--root-certificates", str(ca_cert.resolve()), "--auth-supernode-private-key", str(folder.keys.private_key.resolve())]
 
 
-def courier_env(courier: Courier, launcher: Path) -> dict[str, str]:
+def courier_env(courier: Courier, launcher: Path | None) -> dict[str, str]:
     """The courier's whole environment: nothing of the hospital's own (no credentials, no paths);
-    `launcher` (our `flwr-clientapp`) is the one SuperExec finds first."""
+    `launcher` (our `flwr-clientapp`), when there is one, is the one SuperExec finds first."""
     env = {k: v for k, v in flower_env(courier.home).items() if k.startswith(("FLWR_", "LANG", "LC_")) or k == "PATH"}
-    env.update(HOME=str(courier.home), FLWR_HOME=str(courier.home), FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1",
-               PATH=os.pathsep.join([str(launcher.parent), env["PATH"]]))
+    env.update(HOME=str(courier.home), FLWR_HOME=str(courier.home), FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1")
+    if launcher is not None:
+        env["PATH"] = os.pathsep.join([str(launcher.parent), env["PATH"]])
     return env
 
 
@@ -131,7 +132,7 @@ def run_site(folder: SiteFolder, guard: SiteGuard, server: str, ca_cert: Path | 
     env["FLWR_HOME"] = str((folder.root / ".flwr").resolve())
     supernode = FlowerProcess(supernode_command(folder, server, ca_cert, runtime_port), env, folder.root, folder.log_file, verbose)
     superexec = FlowerProcess([flower_executable("flower-superexec"), "--insecure", "--runtime-api-address", f"127.0.0.1:{runtime_port}"],
-                              courier_env(courier, write_launcher(courier.home / "bin")), courier.home, folder.root / "logs" / "superexec.log", verbose,
+                              courier_env(courier, write_launcher(courier.socket_dir)), courier.home, folder.root / "logs" / "superexec.log", verbose,
                               user=courier.uid, group=courier.gid)
     print(f"site {guard.name} connecting to {server} ({'TLS, authenticated' if ca_cert else 'INSECURE'}); courier runs as "
           f"{courier.user or 'this user'}; guard socket {socket_path}; full log {folder.log_file}", flush=True)

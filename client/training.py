@@ -112,7 +112,8 @@ def round_learning_rate(settings: TrainSettings) -> float:
 def train_round(model: torch.nn.Module, patients: Sequence[Patient], settings: TrainSettings, plan: RoundPlan,
                 slices_per_patient: int, device: torch.device) -> float:
     """`plan.steps` steps from the global weights; returns the mean training loss of sampled patients."""
-    noise = os_seeded_generator(torch.device("cpu"))
+    # Both OS-seeded: the sampler draws on the CPU, Opacus draws the noise where the weights are.
+    sampling, noise = os_seeded_generator(torch.device("cpu")), os_seeded_generator(torch.device(device))
     augment = augmentation(settings.seed * 100_003 + settings.server_round)
     model.to(device).train()
     global_weights = [p.detach().clone() for p in model.parameters()]
@@ -125,19 +126,19 @@ def train_round(model: torch.nn.Module, patients: Sequence[Patient], settings: T
         optimizer = DPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=settings.max_grad_norm,
                                 expected_batch_size=expected_batch, generator=noise, secure_mode=True)
     num_classes = model.state_dict()[names[-1]].shape[0]
-    loss_fn = patient_loss(num_classes)
+    loss_fn = patient_loss(num_classes).to(device)  # its class weights too
 
     def loss_of(params: dict[str, torch.Tensor], images: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
         return loss_fn(functional_call(model, (params, buffers), (images,)), onehot)
 
     per_patient = vmap(grad_and_value(loss_of), in_dims=(None, 0, 0))
-    sampler = UniformWithReplacementSampler(num_samples=len(patients), sample_rate=plan.sample_rate, generator=noise, steps=plan.steps)
+    sampler = UniformWithReplacementSampler(num_samples=len(patients), sample_rate=plan.sample_rate, generator=sampling, steps=plan.steps)
     losses: list[float] = []
     for batch in sampler:
         optimizer.zero_grad(set_to_none=True)
         params = {n: p.detach() for n, p in model.named_parameters()}
         if batch:
-            images, masks = _batch([patients[i] for i in batch], slices_per_patient, augment, noise)
+            images, masks = _batch([patients[i] for i in batch], slices_per_patient, augment, sampling)
             onehot = torch.nn.functional.one_hot(masks.to(device), num_classes).movedim(-1, 2).float()
             if isinstance(optimizer, DPOptimizer):  # one gradient per patient, for Opacus to clip and noise
                 grads, loss = per_patient(params, images.to(device), onehot)

@@ -6,8 +6,8 @@ bottom of the layers, never imports them: it finds them through the package's en
 dependencies are imported only when its commands run and `fedseg --help` is instant.
 
 Order of `fedseg --help`: the roles in COMMAND_GROUPS order (researcher, coordinator, site), each
-role's subcommands in the order its `register` adds them; any other entry point of the group (a
-plugin) after them, by name.
+role's subcommands in the order its `register` adds them. Only those three are loaded: another
+distribution's entry point in the group is ignored (`fedseg site` runs as root).
 
 Errors: library and command code raise `common.errors.FedsegError` (and subclasses) for what the
 operator must act on; `main` alone turns them into their message and exit status 1."""
@@ -28,7 +28,7 @@ COMMAND_GROUPS = ("simulations", "server", "client")
 
 
 def command_registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
-    """Each role's `register(subparsers)`, in COMMAND_GROUPS order, then any others by name."""
+    """Each role's `register(subparsers)`, in COMMAND_GROUPS order."""
     found: dict[str, EntryPoint] = {}
     for ep in entry_points(group=COMMANDS_GROUP):
         found.setdefault(ep.name, ep)  # the first distribution on sys.path wins, as for imports
@@ -36,8 +36,10 @@ def command_registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     if missing:
         raise FedsegError(f"fedseg's {', '.join(missing)} commands are not installed (no entry point in the group "
                           f"{COMMANDS_GROUP}): reinstall the package, e.g. pip install -e .")
-    order = [*COMMAND_GROUPS, *sorted(set(found) - set(COMMAND_GROUPS))]
-    return [found[name].load() for name in order]
+    try:  # only fedseg's own roles: `fedseg site` runs as root, and a stray plugin could replace a command
+        return [found[name].load() for name in COMMAND_GROUPS]
+    except (ImportError, AttributeError) as err:
+        raise FedsegError(f"fedseg's commands cannot be loaded ({err}): reinstall the package, e.g. pip install -e .") from err
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,10 @@ class NoSites(FedsegError):
 def site_folders(data_root: Path) -> list[str]:
     """Each non-hidden subfolder of a data root is one site, as a hospital (and `fedseg simulate
     --data-root`) lays them out."""
-    sites = sorted(str(p) for p in data_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        sites = sorted(str(p) for p in data_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as err:
+        raise NoSites(f"--data-root {data_root} cannot be read as a folder ({err.strerror})") from err
     if not sites:
         raise NoSites(f"--data-root {data_root} has no site subfolders")
     return sites

@@ -113,7 +113,12 @@ def flower_app() -> Iterator[Path]:
     if manifest is None:
         raise ControlError(f"fedseg run needs fedseg's pyproject.toml (the Flower app's manifest): neither at {APP_DIR} "
                            "nor installed with the package (share/fedseg/pyproject.toml); reinstall fedseg")
-    include = tomllib.loads(manifest.read_text())["tool"]["flwr"]["app"]["fab-include"]
+    try:
+        include = tomllib.loads(manifest.read_text())["tool"]["flwr"]["app"]["fab-include"]
+    except (KeyError, tomllib.TOMLDecodeError) as err:
+        raise ControlError(f"{manifest} does not list the app's files (tool.flwr.app.fab-include): reinstall fedseg") from err
+    if any(Path(name).is_absolute() or ".." in Path(name).parts or any(c in name for c in "*?[") for name in include):
+        raise ControlError(f"{manifest}: fab-include must name files inside the package, without globs")
     with tempfile.TemporaryDirectory(prefix="fedseg-app-") as tmp:
         app = Path(tmp) / "fedseg"
         app.mkdir()

@@ -5,7 +5,6 @@ a simulation) the global model's masks on a few validation slices."""
 from __future__ import annotations
 
 import html
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from common.errors import FedsegError  # noqa: E402
 from common.metrics import class_metrics, foreground_dice  # noqa: E402
 from common.model import load_global_model  # noqa: E402
 from common.overlays import draw_overlays, most_labelled_slices  # noqa: E402
-from server.run_record import cell, history_number  # noqa: E402
+from server.run_record import RunHistory, final_site_table, history_number  # noqa: E402
 
 STATUS_COLOURS = {"ok": "#2ca02c", "rejected": "#d62728", "budget_exhausted": "#ff7f0e", "train_failed": "#7f7f7f",
                   "evaluate_failed": "#7f7f7f", "no_reply": "#000000"}
@@ -31,26 +30,14 @@ class ReportError(FedsegError):
     """No report can be drawn: the folder holds no run, or the data root no site."""
 
 
-def _series(history: dict, key: str) -> dict[str, tuple[list[int], list[float]]]:
-    """Per site: the rounds that have `key`, and its values."""
-    out: dict[str, tuple[list[int], list[float]]] = {}
-    for r in history["rounds"]:
-        for site, entry in r["sites"].items():
-            if key in entry:
-                rounds, values = out.setdefault(site, ([], []))
-                rounds.append(r["round"])
-                values.append(history_number(entry[key]))
-    return out
-
-
-def _line_plot(history: dict, key: str, title: str, ylabel: str, path: Path, aggregate: str | None = None,
+def _line_plot(history: RunHistory, key: str, title: str, ylabel: str, path: Path, aggregate: bool = False,
                target: float | None = None) -> Path:
     fig, ax = plt.subplots(figsize=(5.2, 3.4), layout="constrained")
-    for site, (rounds, values) in sorted(_series(history, key).items()):
+    for site, (rounds, values) in sorted(history.site_series(key).items()):
         ax.plot(rounds, values, marker="o", markersize=3, label=site)
-    if aggregate:
-        done = [r for r in history["rounds"] if aggregate in r]
-        ax.plot([r["round"] for r in done], [history_number(r[aggregate]) for r in done], color="black", linewidth=2.2, label="all sites")
+    if aggregate:  # the foreground Dice aggregated over sites, per validated round
+        done = history.validated_rounds()
+        ax.plot([r.round for r in done], [r.dice for r in done], color="black", linewidth=2.2, label="all sites")
     if target is not None and math.isfinite(target):
         ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
     ax.set(title=title, xlabel="round", ylabel=ylabel)
@@ -62,10 +49,10 @@ def _line_plot(history: dict, key: str, title: str, ylabel: str, path: Path, agg
     return path
 
 
-def _durations(history: dict, path: Path) -> Path:
-    rounds = [r for r in history["rounds"] if "duration_s" in r]
+def _durations(history: RunHistory, path: Path) -> Path:
+    durations = history.durations()
     fig, ax = plt.subplots(figsize=(5.2, 3.4), layout="constrained")
-    ax.bar([r["round"] for r in rounds], [history_number(r["duration_s"]) for r in rounds], color="#1f77b4")
+    ax.bar(list(durations), list(durations.values()), color="#1f77b4")
     ax.set(title="round wall time", xlabel="round", ylabel="seconds")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(axis="y", alpha=0.3)
@@ -74,21 +61,21 @@ def _durations(history: dict, path: Path) -> Path:
     return path
 
 
-def _participation(history: dict, path: Path) -> Path:
+def _participation(history: RunHistory, path: Path) -> Path:
     """Rounds × sites, coloured by what each site's training did: dropouts and rejections stand out."""
-    sites = sorted({s for r in history["rounds"] for s in r["sites"]})
-    rounds = [r for r in history["rounds"] if r["round"] > 0]
+    sites = history.site_names()
+    rounds = [r for r in history.rounds if r.round > 0]
     fig, ax = plt.subplots(figsize=(5.2, 0.6 + 0.45 * max(1, len(sites))), layout="constrained")
     for x, r in enumerate(rounds):
         for y, site in enumerate(sites):
-            status = r["sites"].get(site, {}).get("status", "absent")
+            status = r.sites.get(site, {}).get("status", "absent")
             ax.add_patch(plt.Rectangle((x, y), 0.92, 0.85, color=STATUS_COLOURS.get(status, "#dddddd")))
     ax.set_xlim(0, max(1, len(rounds)))
     ax.set_ylim(0, max(1, len(sites)))
-    ax.set_xticks([x + 0.46 for x in range(len(rounds))], [str(r["round"]) for r in rounds])
+    ax.set_xticks([x + 0.46 for x in range(len(rounds))], [str(r.round) for r in rounds])
     ax.set_yticks([y + 0.42 for y in range(len(sites))], sites)
     ax.set(title="training per round: who took part", xlabel="round")
-    seen = {s.get("status", "absent") for r in rounds for s in r["sites"].values()}
+    seen = {s.get("status", "absent") for r in rounds for s in r.sites.values()}
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for s, c in STATUS_COLOURS.items() if s in seen]
     ax.legend(handles, [s for s in STATUS_COLOURS if s in seen], fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.savefig(path, dpi=90)
@@ -120,50 +107,37 @@ def _overlays(run_dir: Path, site_dirs: Sequence[str], path: Path, per_site: int
     return draw_overlays(panels, names, path, f"global model round {global_model.round}, one patient per site", columns=4)
 
 
-def _table(history: dict) -> str:
-    last = next((r for r in reversed(history["rounds"]) if "dice" in r), {"sites": {}, "round": "-"})
-    rows = []
-    for site, s in sorted(last["sites"].items()):
-        cells = [site, s.get("status", "-"), cell(s.get("val_dice"), ".3f"),
-                 " / ".join(cell(d, ".3f") for d in s.get("val_dice_per_class", [])) or "–",
-                 cell(s.get("val_hd95_mm"), ".1f"), cell(s.get("epsilon"), ".2f"), str(s.get("examples", "–"))]
-        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    classes = " / ".join(class_names(history["config"])[1:])
-    head = "".join(f"<th>{h}</th>" for h in ("site", "training status", "val Dice", f"Dice {classes}", "HD95 (mm)", "ε spent", "train slices"))
-    return f"<p>Final round: {last['round']}</p><table><tr>{head}</tr>{''.join(rows)}</table>"
-
-
 def write_report(run_dir: str | Path, site_dirs: Sequence[str] = ()) -> Path:
     """RUN_DIR/report.html and its PNGs (RUN_DIR/report/); overlays only when `site_dirs` are given."""
     run_dir = Path(run_dir)
-    history = json.loads((run_dir / "history.json").read_text())
-    config = history["config"]
+    history = RunHistory.read(run_dir)
+    config = history.config
     folder = run_dir / "report"
     folder.mkdir(exist_ok=True)
     target = history_number(config.get("target-epsilon"))
     plots = [
-        _line_plot(history, "val_dice", "validation Dice (foreground mean)", "Dice", folder / "dice.png", aggregate="dice"),
+        _line_plot(history, "val_dice", "validation Dice (foreground mean)", "Dice", folder / "dice.png", aggregate=True),
         _line_plot(history, "epsilon", f"patient-level privacy spent (δ requested {config.get('delta')})", "ε", folder / "epsilon.png", target=target),
         _line_plot(history, "noise_multiplier", "DP-SGD noise multiplier (σ) per site", "σ", folder / "noise.png"),
         _durations(history, folder / "durations.png"),
         _participation(history, folder / "participation.png"),
     ]
     overlay = _overlays(run_dir, site_dirs, folder / "overlays.png") if site_dirs else None
-    done = [r for r in history["rounds"] if "dice" in r]
-    final = history_number(done[-1]["dice"]) if done else math.nan
+    done, last = history.validated_rounds(), history.last_validated()
+    final = last.dice if last else math.nan
     dp = "off" if not math.isfinite(target) and history_number(config.get("noise-multiplier")) <= 0 else f"target patient-level ε {target:g}"
-    headline = (f"status <b>{html.escape(str(history.get('status', '?')))}</b>; {len(done) - 1 if done else 0} of "
+    headline = (f"status <b>{html.escape(str(history.status or '?'))}</b>; {len(done) - 1 if done else 0} of "
                 f"{config.get('num-server-rounds')} rounds; final foreground Dice <b>{final:.3f}</b> "
-                f"(round 0: {history_number(done[0]['dice']) if done else math.nan:.3f}); strategy {html.escape(str(config.get('strategy')))}; "
-                f"DP {dp}; wall time {history_number(history.get('wall_time_s')):.0f} s")
-    events = "".join(f"<li>{html.escape(e['event'])}</li>" for e in history.get("events", []))
+                f"(round 0: {done[0].dice if done else math.nan:.3f}); strategy {html.escape(str(config.get('strategy')))}; "
+                f"DP {dp}; wall time {history_number(history.wall_time_s):.0f} s")
+    events = "".join(f"<li>{html.escape(e.event)}</li>" for e in history.events)
     images = "".join(f'<img src="report/{p.name}" alt="{p.stem}">' for p in plots)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fedseg run {html.escape(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;margin:1.5em;max-width:1200px}} img{{max-width:49%;margin:2px}}
 table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} td:first-child{{text-align:left}}</style>
 </head><body><h1>fedseg run {html.escape(run_dir.name)}</h1><p>{headline}</p>
 {images}
-<h2>Sites, final round</h2>{_table(history)}
+<h2>Sites, final round</h2>{final_site_table(history).html()}
 {"<h2>Events</h2><ul>" + events + "</ul>" if events else ""}
 {f'<h2>Predictions on validation patients</h2><img style="max-width:100%" src="report/{overlay.name}" alt="overlays">' if overlay else ""}
 </body></html>"""

@@ -5,7 +5,6 @@ line that describes it. Light to import: the strategy check is imported only whe
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -68,9 +67,11 @@ def _chosen_config(args: argparse.Namespace, min_sites: int | None, run_dir: Pat
     resumable = {"num-server-rounds": args.rounds, "round-timeout": args.round_timeout, "round-retries": args.round_retries,
                  "min-sites": min_sites}
     if args.resume:
+        from server.run_record import RunHistory
+
         try:
-            saved = json.loads((run_dir / "history.json").read_text())["config"]
-        except (OSError, ValueError, KeyError) as err:
+            saved = RunHistory.read(run_dir).config
+        except (OSError, ValueError) as err:  # ValueError: not JSON, or not a run's history
             raise RunOptionsError(f"cannot resume {run_dir}: no readable history.json there ({err})") from err
         return {**saved, **{k: v for k, v in resumable.items() if v is not None}, "resume": True}
     chosen = {

@@ -29,7 +29,7 @@ from client.site_policy import SitePolicy
 from common.config import class_names
 from common.dataset import SiteData, load_site
 from common.processes import descendants
-from server.run_record import cell, history_number
+from server.run_record import RunHistory, cell, history_number
 
 
 @dataclass(frozen=True)
@@ -89,21 +89,20 @@ def simulate(plan: Plan, label: str, out: Path, cache: Path, *options: str, site
     code, wall, peak = run_measured(command, out / "logs" / f"{label}.log")
     if code != 0:
         raise RuntimeError(f"benchmark run {label} failed; see {out / 'logs' / f'{label}.log'}")
-    return {"history": json.loads((run_dir / "history.json").read_text()), "wall_s": wall, "peak_mb": peak}
+    return {"history": RunHistory.read(run_dir), "wall_s": wall, "peak_mb": peak}
 
 
-def _last_round(history: dict) -> dict[str, Any]:
-    """The last round that was validated."""
-    return [r for r in history["rounds"] if "dice" in r][-1]
+def _last_validated(history: RunHistory) -> dict[str, dict[str, Any]]:
+    """The site entries of the run's last validated round (a benchmark run always has one)."""
+    last = history.last_validated()
+    if last is None:
+        raise RuntimeError("the benchmark run validated no round")
+    return last.sites
 
 
-def _dice_by_round(history: dict) -> list[float]:
-    return [history_number(r.get("dice")) for r in history["rounds"]]
-
-
-def _final_sites(history: dict) -> dict[str, dict[str, float]]:
-    last = _last_round(history)
-    return {name: {"dice": history_number(s.get("val_dice")), "hd95_mm": history_number(s.get("val_hd95_mm"))} for name, s in last["sites"].items()}
+def _final_sites(history: RunHistory) -> dict[str, dict[str, float]]:
+    return {name: {"dice": history_number(s.get("val_dice")), "hd95_mm": history_number(s.get("val_hd95_mm"))}
+            for name, s in _last_validated(history).items()}
 
 
 def _mean(values: list[float]) -> float:
@@ -216,18 +215,18 @@ def dp_cost(plan: Plan, site_dir: str) -> dict[str, Any]:
     return out
 
 
-def round_overhead(history: dict) -> dict[str, Any]:
+def round_overhead(history: RunHistory) -> dict[str, Any]:
     """Round wall time ÷ the slowest site's own compute in that round's one message: its training
     and its validation of the weights it received (recorded under the previous round)."""
-    rounds, ratios = {r["round"]: r for r in history["rounds"]}, []
+    rounds, ratios = history.by_round(), []
     for number, r in rounds.items():
-        received = rounds.get(number - 1, {"sites": {}})["sites"]
+        received = rounds[number - 1].sites if number - 1 in rounds else {}
         compute = [history_number(s.get("train_seconds")) + _or_zero(received.get(name, {}).get("val_seconds"))
-                   for name, s in r["sites"].items()]
+                   for name, s in r.sites.items()]
         compute = [c for c in compute if math.isfinite(c)]
-        if number > 0 and compute and "duration_s" in r:
-            ratios.append({"round": number, "round_s": r["duration_s"], "slowest_site_compute_s": max(compute),
-                           "ratio": r["duration_s"] / max(compute)})
+        if number > 0 and compute and r.duration_s is not None:
+            ratios.append({"round": number, "round_s": r.duration_s, "slowest_site_compute_s": max(compute),
+                           "ratio": r.duration_s / max(compute)})
     return {"rounds": ratios, "mean_ratio": _mean([x["ratio"] for x in ratios])}
 
 
@@ -236,15 +235,15 @@ def _or_zero(value: Any) -> float:
     return number if math.isfinite(number) else 0.0
 
 
-def communication(history: dict) -> dict[str, Any]:
+def communication(history: RunHistory) -> dict[str, Any]:
     """Bytes per site per round, as the server measured the serialised messages."""
     down, up = [], []
-    for r in history["rounds"]:
-        if r["round"] == 0:
+    for r in history.rounds:
+        if r.round == 0:
             continue
-        for s in r["sites"].values():
+        for s in r.sites.values():
             if "train_reply_bytes" in s:
-                down.append(r.get("train_bytes_to_each_site", 0) + r.get("evaluate_bytes_to_each_site", 0))
+                down.append((r.train_bytes_to_each_site or 0) + (r.evaluate_bytes_to_each_site or 0))
                 up.append(s["train_reply_bytes"] + s.get("evaluate_reply_bytes", 0))
     return {"to_site_bytes_per_round": _mean(down), "from_site_bytes_per_round": _mean(up)}
 
@@ -314,7 +313,7 @@ def deployment_overhead(plan: Plan, out: Path, site_dirs: list[str]) -> dict[str
                                       "--epsilon", "8", "--min-sites", str(len(site_dirs)), "--run-dir", "runs/bench"], base / "run.log")
         if code != 0:
             raise RuntimeError(f"the benchmark's deployment run failed; see {base / 'run.log'}")
-        history = json.loads((base / "coordinator" / "runs" / "bench" / "history.json").read_text())
+        history = RunHistory.read(base / "coordinator" / "runs" / "bench")
         return {"wall_s": wall, **round_overhead(history), "communication": communication(history)}
     finally:
         for proc in reversed(procs):
@@ -366,16 +365,15 @@ def run_bench(plan_name: str, out: Path, cache: Path, deployment: bool, progress
         progress(f"federated {strategy}, no DP ...")
         run = simulate(plan, f"{strategy}-nodp", out, cache, "--strategy", strategy, "--epsilon", "inf")
         results["federated"][strategy] = {**_summary(_final_sites(run["history"])), "wall_s": run["wall_s"], "peak_mb": run["peak_mb"],
-                                          "dice_by_round": _dice_by_round(run["history"])}
+                                          "dice_by_round": run["history"].dice_series()}
         if strategy == "fedavg":
             baseline = run
     for epsilon in plan.epsilons:
         progress(f"fedavg with DP, ε = {epsilon:g} ...")
         run = simulate(plan, f"fedavg-dp-eps{epsilon:g}", out, cache, "--epsilon", str(epsilon))
-        last = _last_round(run["history"])
         results["dp"][f"{epsilon:g}"] = {**_summary(_final_sites(run["history"])), "wall_s": run["wall_s"],
-                                         "epsilon_spent": max(history_number(s.get("epsilon")) for s in last["sites"].values()),
-                                         "dice_by_round": _dice_by_round(run["history"])}
+                                         "epsilon_spent": max(history_number(s.get("epsilon")) for s in _last_validated(run["history"]).values()),
+                                         "dice_by_round": run["history"].dice_series()}
     progress("pooled and local-only baselines ...")
     results.update(centralised(plan, sites))
     progress("DP-SGD vs SGD: one epoch each, fresh processes ...")
@@ -392,7 +390,7 @@ def run_bench(plan_name: str, out: Path, cache: Path, deployment: bool, progress
         run = baseline if same_as_baseline else simulate(plan, f"scale-{count}", out, cache, "--epsilon", "inf", "--rounds",
                                                          str(plan.cost_rounds), "--image-size", "32", "--batch-size", "8",
                                                          sites=count, size="tiny")
-        durations = [r["duration_s"] for r in run["history"]["rounds"] if r["round"] > 0]
+        durations = [seconds for number, seconds in run["history"].durations().items() if number > 0]
         results["scale"][str(count)] = {"round_s": _mean(durations), "peak_mb": run["peak_mb"], "wall_s": run["wall_s"]}
     progress("a federation from a real scan (MNI152 template, nilearn) ...")
     results["real"] = real_images(plan, out, cache, progress)
@@ -415,10 +413,9 @@ def real_images(plan: Plan, out: Path, cache: Path, progress=print) -> dict[str,
               "classes": classes}
     for label, epsilon in (("no_dp", "inf"), ("dp8", "8"))[: 2 if plan.real_dp else 1]:
         run = simulate(plan, f"real-fedavg-{label}", out, cache, "--epsilon", epsilon, "--classes", classes, data_root=root)
-        last = _last_round(run["history"])
         result[label] = {**_summary(_final_sites(run["history"])), "wall_s": run["wall_s"],
-                         "dice_per_class": {n: s.get("val_dice_per_class") for n, s in last["sites"].items()},
-                         "dice_by_round": _dice_by_round(run["history"])}
+                         "dice_per_class": {n: s.get("val_dice_per_class") for n, s in _last_validated(run["history"]).items()},
+                         "dice_by_round": run["history"].dice_series()}
     return result
 
 

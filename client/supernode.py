@@ -22,6 +22,7 @@ from pathlib import Path
 import tomli_w
 
 from client.clientapp_launcher import write_launcher
+from client.supernode_poll import supernode_launcher
 from client.guard import SiteGuard
 from client.site_state import SiteState
 from client.guard_socket import GuardServer
@@ -90,7 +91,7 @@ def write_node_config(folder: SiteFolder, name: str, guard_socket: Path) -> Path
 
 
 def supernode_command(folder: SiteFolder, server: str, ca_cert: Path | None, runtime_port: int) -> list[str]:
-    command = [flower_executable("flower-supernode"), "--superlink", server, "--node-config", str(folder.node_config_file.resolve()),
+    command = [*supernode_launcher(), "--superlink", server, "--node-config", str(folder.node_config_file.resolve()),
                "--isolation", "process", "--port", str(runtime_port)]
     if ca_cert is None:
         return command + ["--insecure"]

@@ -6,11 +6,13 @@ imports neither torch nor opacus. It hands the global model and the run's reques
 and the guard's answer — DP-SGD weights and rounded metrics, or a refusal code — to Flower.
 
 Deployed: the guard is reached through the Unix socket named in the node config (`guard-socket`).
-Simulated: `guard_for` returns the guard object itself, in-process; the code path is the same.
+Simulated (`fedseg simulate`): Flower's virtual SuperNodes have only a `partition-id`, so the socket
+is that entry of the list `fedseg simulate` puts in the environment it starts Flower in.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,10 +23,20 @@ from client.guard_socket import GuardClient, Handler
 from common.site_reply import reply_content, weights_of
 
 GuardFor = Callable[[Mapping[str, Any]], Handler]
+SIMULATED_SOCKETS = "FEDSEG_SIMULATED_GUARD_SOCKETS"  # os.pathsep-separated, one per partition-id
 
 
 def socket_guard(node_config: Mapping[str, Any]) -> Handler:
-    return GuardClient(str(node_config["guard-socket"]))
+    """The site's guard: the node config's socket (a deployed site always names one), else the
+    simulation's socket for this virtual SuperNode."""
+    if "guard-socket" in node_config:
+        return GuardClient(str(node_config["guard-socket"]))
+    sockets = [s for s in os.environ.get(SIMULATED_SOCKETS, "").split(os.pathsep) if s]
+    index = int(node_config.get("partition-id", -1))
+    if not 0 <= index < len(sockets):
+        raise LookupError(f"no guard socket for this SuperNode: neither `guard-socket` in its node config nor "
+                          f"partition {index} in ${SIMULATED_SOCKETS}")
+    return GuardClient(sockets[index])
 
 
 def relay(guard: Handler, msg: Message, context: Context, op: str) -> Message:
@@ -42,10 +54,9 @@ def relay(guard: Handler, msg: Message, context: Context, op: str) -> Message:
     return Message(content=reply_content(reply, out), reply_to=msg)
 
 
-def build_client_app(guard_for: GuardFor = socket_guard, mods: list | None = None) -> ClientApp:
-    """A ClientApp relaying to the guard `guard_for(context.node_config)`; `mods` are Flower
-    ClientApp mods (a simulation's fault injection)."""
-    app = ClientApp(mods=mods)
+def build_client_app(guard_for: GuardFor = socket_guard) -> ClientApp:
+    """A ClientApp relaying to the guard `guard_for(context.node_config)`."""
+    app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -98,7 +98,8 @@ def _site(args: argparse.Namespace) -> int:
         print(site_data.report.format())
         print(f"{name}: {len(site_data.train)} training patients ({site_data.train_slices} slices), {len(site_data.validation)} "
               f"validation patients; {budget_line(guard)}", flush=True)
-        return run_site(folder, guard, args.server, None if args.insecure else Path(args.ca_cert), args.runtime_port, args.verbose)
+        return run_site(folder, guard, args.server, None if args.insecure else Path(args.ca_cert), args.runtime_port, args.verbose,
+                        args.external_courier)
     except (PolicyError, LedgerError, IsolationError, SiteError, ValueError, OSError) as err:
         raise SiteCommandError(f"site {name} cannot start: {err}") from err
 
@@ -194,6 +195,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     site.add_argument("--threads", type=int, default=0,
                       help="CPU threads for training (default: all cores; use 1 when several sites share one machine)")
     site.add_argument("--insecure", action="store_true", help="no TLS, no authentication: local tests only")
+    site.add_argument("--external-courier", metavar="USER",
+                      help="you start the courier (Flower's SuperExec, which runs the coordinator's app bundle) as USER "
+                           "yourself, e.g. when fedseg does not run as root or the courier runs in another container: "
+                           "the guard's socket is opened to USER and the command to run is printed")
     _pacs_options(site, prefix="pacs-")
     site.set_defaults(func=_site)
 

@@ -6,7 +6,8 @@ It offers two operations — train (global weights → DP-SGD weights + minimal 
 outside the policy is refused with a fixed code (`REFUSALS`); errors leave as codes too, with the
 detail in the site's own log. Every release and refusal is a line of the hash-chained ledger before
 the answer leaves. A deployed site serves it over a Unix socket (`client.guard_socket`) to the
-courier ClientApp, which runs as another OS user; a simulation calls the same object in-process.
+courier ClientApp, which runs as another OS user; a simulation serves it the same way, one process per
+site (simulations/site_guards.py).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from common.model import build_model, pick_device
 from common.parameters import load_arrays, model_arrays
 from common.site_reply import VALIDATE_RECEIVED
 
-log = logging.getLogger("fedseg.guard")
+log = logging.getLogger(__name__)
 
 REFUSALS = {
     "bad_request": "the request is malformed or names an unknown operation",
@@ -215,17 +216,21 @@ class SiteGuard:
         return {"status": "ok", "code": "", "site": self.name, "metrics": metrics}, {}
 
     def _may_validate(self, run: str, server_round: int) -> bool:
-        """Once per (run, round). Weights this site trained in that round of that run were paid for
-        in ε; any others (round 0, the first round after a resume — the run name comes from the
-        courier) are capped site-wide per day."""
+        """Once per (run, round), and at most `validations_per_day` site-wide: the run name comes
+        from the courier and a trained round can be made almost free in ε (high σ, tiny batch), so
+        only a daily count bounds how many chosen weights the coordinator can have scored. Weights
+        not trained here in that round (round 0, the first round after a resume) have a smaller
+        daily cap of their own."""
         done = [e for e in self.ledger.entries if e.get("run") == run and e.get("round") == server_round and e["kind"] == "validate"]
         if len(done) >= self.policy.validations_per_round:
             return False
+        day_ago = time.time() - 86_400
+        today = [e for e in self.ledger.entries if e["kind"] == "validate" and e.get("unix", 0) > day_ago]
+        if len(today) >= self.policy.validations_per_day:
+            return False
         if self._trained(run, server_round):
             return True
-        day_ago = time.time() - 86_400
-        untrained = [e for e in self.ledger.entries if e["kind"] == "validate" and _untrained(e) and e.get("unix", 0) > day_ago]
-        return len(untrained) < self.policy.untrained_validations_per_day
+        return sum(_untrained(e) for e in today) < self.policy.untrained_validations_per_day
 
     def _trained(self, run: str, server_round: int) -> bool:
         return any(e["kind"] == "train" and e.get("run") == run and e.get("round") == server_round for e in self.ledger.entries)

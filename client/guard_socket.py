@@ -22,7 +22,7 @@ from common.array_codec import MAX_ARRAYS_BYTES, ArrayFormatError, Arrays, decod
 MAGIC = b"FSG1"
 PREFIX = struct.Struct(">4sIQ")
 MAX_HEADER_BYTES = 64 * 1024
-log = logging.getLogger("fedseg.guard")
+log = logging.getLogger(__name__)
 
 
 class GuardProtocolError(ConnectionError):

@@ -4,8 +4,11 @@ run whatever app bundle the coordinator ships). The courier reaches the guard on
 
 When `fedseg site` runs as root it sets this up itself: a dedicated unprivileged user, a socket folder
 only the guard and that user can enter, and checks — made *as* the courier user — that the data
-folder and the site folder are closed to it and that it can run this Python. Otherwise the courier
-runs as the same user, and `fedseg site` says loudly what that means (README: privacy model).
+folder and the site folder are closed to it and that it can run this Python. With an external
+courier (`--external-courier USER`: a hospital that does not run fedseg as root, or runs the courier
+in another container) the guard opens its socket to USER by ACL and the hospital starts the
+courier's SuperExec as USER itself. Otherwise the courier runs as the same user, and `fedseg site`
+says loudly what that means (README: privacy model).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class Courier:
     gid: int | None
     home: Path  # its FLWR_HOME: where Flower installs the app bundle
     socket_dir: Path  # the guard's socket and the courier's launcher: only the guard's user writes here
+    external: bool = False  # its SuperExec is started by the hospital as `user`, not by `fedseg site`
 
     @property
     def isolated(self) -> bool:
@@ -101,20 +105,41 @@ def sweep_stale_folders(temp: Path | None = None, courier_uid: int | None = None
     return removed
 
 
-def prepare_courier(site_root: Path, data_dir: Path, user: str = COURIER_USER) -> Courier:
-    """Folders and checks for the courier; as root, a separate user, else the same one."""
+def _grant(user: str, permissions: str, path: Path) -> None:
+    """An ACL entry for one more user: the owner may set it without root."""
+    try:
+        subprocess.run(["setfacl", "-m", f"u:{user}:{permissions}", str(path)], check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise IsolationError(f"cannot open {path} to the courier user {user} by ACL ({getattr(err, 'stderr', '') or err}): "
+                             "install the acl package and use a file system with ACLs (ext4, xfs, tmpfs)") from err
+
+
+def external_courier(site_root: Path, data_dir: Path, user: str) -> Courier:
+    """A courier the hospital starts itself as `user` (another user, or a container sharing the
+    socket folder and this machine's loopback): only its socket folder is opened to it. As root,
+    the same checks as for fedseg's own courier are made as `user`."""
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        raise IsolationError(f"no user {user} on this machine: create it (useradd --system {user}) or name another") from None
+    if account.pw_uid == os.geteuid():
+        raise IsolationError(f"the external courier must run as another user than this site's ({user} is this user)")
     site_root.mkdir(parents=True, exist_ok=True)
-    sweep_stale_folders(courier_uid=_uid_of(user))
+    sweep_stale_folders()
+    os.chmod(site_root, 0o700)
     socket_dir = Path(tempfile.mkdtemp(prefix=f"fedseg-guard-{os.getpid()}-"))
-    home = Path(tempfile.mkdtemp(prefix=f"fedseg-courier-{os.getpid()}-"))
-    if os.geteuid() != 0:
-        return Courier(None, None, None, home, socket_dir)
-    account = ensure_user(user)
-    uid, gid = account.pw_uid, account.pw_gid
-    os.chmod(site_root, 0o700)  # the site key, policy and ledger: the guard's alone
-    os.chown(home, uid, gid)
-    os.chown(socket_dir, 0, gid)
-    os.chmod(socket_dir, 0o750)
+    _grant(user, "x", socket_dir)
+    home = socket_dir / "courier-home"  # where Flower installs the app bundle: the courier's to write
+    home.mkdir(mode=0o700)
+    _grant(user, "rwx", home)
+    if os.geteuid() == 0:
+        _check_closed(account, data_dir, site_root)
+    return Courier(user, account.pw_uid, None, home, socket_dir, external=True)
+
+
+def _check_closed(account: pwd.struct_passwd, data_dir: Path, site_root: Path) -> None:
+    """As the courier user: it can run this Python, and cannot read the data or the site folder."""
+    user, uid, gid = account.pw_name, account.pw_uid, account.pw_gid
     try:
         runs = _as_user(uid, gid, "import flwr.clientapp, numpy").returncode == 0
     except OSError:  # cannot even start the interpreter
@@ -130,11 +155,32 @@ def prepare_courier(site_root: Path, data_dir: Path, user: str = COURIER_USER) -
         raise IsolationError(
             f"the courier user {user} can read {', '.join(readable)}: the app bundle the coordinator ships would see "
             f"patient data. Close it to other users first (chmod -R o-rwx {' '.join(readable)}), then start the site again")
+
+
+def prepare_courier(site_root: Path, data_dir: Path, user: str = COURIER_USER) -> Courier:
+    """Folders and checks for the courier; as root, a separate user, else the same one."""
+    site_root.mkdir(parents=True, exist_ok=True)
+    sweep_stale_folders(courier_uid=_uid_of(user))
+    socket_dir = Path(tempfile.mkdtemp(prefix=f"fedseg-guard-{os.getpid()}-"))
+    home = Path(tempfile.mkdtemp(prefix=f"fedseg-courier-{os.getpid()}-"))
+    if os.geteuid() != 0:
+        return Courier(None, None, None, home, socket_dir)
+    account = ensure_user(user)
+    uid, gid = account.pw_uid, account.pw_gid
+    os.chmod(site_root, 0o700)  # the site key, policy and ledger: the guard's alone
+    os.chown(home, uid, gid)
+    os.chown(socket_dir, 0, gid)
+    os.chmod(socket_dir, 0o750)
+    _check_closed(account, data_dir, site_root)
     return Courier(user, uid, gid, home, socket_dir)
 
 
 def open_socket_to_courier(path: Path, courier: Courier) -> None:
     """Only the guard and the courier may connect."""
+    if courier.external:
+        os.chmod(path, 0o600)
+        _grant(str(courier.user), "rw", path)
+        return
     if courier.gid is not None:
         os.chown(path, 0, courier.gid)
     os.chmod(path, 0o660 if courier.isolated else 0o600)

@@ -4,14 +4,16 @@ as given or a DICOMweb URL pulled into a local folder first. Used by `fedseg sit
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from common.errors import FedsegError
 
 PACS_PASSWORD_ENV = "FEDSEG_PACS_PASSWORD"
+
+log = logging.getLogger(__name__)
 
 
 class PacsError(FedsegError):
@@ -28,8 +30,8 @@ def pacs_session(urls: Sequence[str], token_file: str | None = None, user: str |
         if not allow_http:
             raise PacsError(f"refusing plain http:// to {url}: use https:// (--ca-cert for the hospital's CA), "
                             "or --allow-http on a network you trust")
-        print(f"WARNING: plain http:// to {url}: images{' and credentials' if token_file or user else ''} "
-              "cross the network unencrypted", file=sys.stderr, flush=True)
+        log.warning(f"WARNING: plain http:// to {url}: images{' and credentials' if token_file or user else ''} "
+                    "cross the network unencrypted")
     if token_file and user:
         raise PacsError("give a token file or a user, not both")
     if user and PACS_PASSWORD_ENV not in os.environ:

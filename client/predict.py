@@ -4,6 +4,7 @@ optional NIfTI and a PNG quick look. Runs at the site: images never leave it."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -24,6 +25,8 @@ from common.model import GlobalModel
 from common.overlays import draw_overlays, most_labelled_slices
 from common.safe_paths import UnsafePath, path_under, safe_name
 from common.seg_writer import write_seg
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,7 +76,7 @@ def output_stem(out: Path, series: Series) -> Path:
 def predict_series(global_model: GlobalModel, series: Series, stem: Path, device: torch.device,
                    nifti: bool, png: bool) -> tuple[Prediction, str]:
     """Segment one series and write its SEG (referencing the series' own files, read again in full)
-    and the optional NIfTI and PNG at `stem`; also the classes' pixel counts, for the progress line."""
+    and the optional NIfTI and PNG at `stem`; also the classes' pixel counts, for the log line."""
     names = class_names(global_model.config)
     mask = segment_series(global_model.model, series, int(global_model.config["image-size"]), device)
     seg = stem.with_name(f"{stem.name}.seg.dcm")
@@ -85,11 +88,11 @@ def predict_series(global_model: GlobalModel, series: Series, stem: Path, device
 
 
 def predict_folder(global_model: GlobalModel, source: Path, out: Path, device: torch.device,
-                   nifti: bool = False, png: bool = True, progress=print) -> tuple[list[Prediction], LoadReport]:
+                   nifti: bool = False, png: bool = True) -> tuple[list[Prediction], LoadReport]:
     """Segment every image series under `source` (one study or a folder of studies), one series at a
     time: decoded, segmented, written, then dropped, so memory holds one series whatever the folder.
-    Progress reads [k/n] for the k-th of the n series the header scan found (one that cannot be
-    decoded is named in the report, and has no progress line)."""
+    Each series written is logged as [k/n], the k-th of the n series the header scan found (one that
+    cannot be decoded is named in the report, and has no line)."""
     report = LoadReport(folder=str(source))
     found = image_series(source, report)
     results = []
@@ -107,8 +110,8 @@ def predict_folder(global_model: GlobalModel, source: Path, out: Path, device: t
         else:
             prediction, share = predict_series(global_model, series, stem, device, nifti, png)
             results.append(prediction)
-            progress(f"[{done}/{len(found)}] patient {series.patient_id}: {prediction.slices} slices -> {prediction.seg} ({share}); "
-                     f"{time.time() - started:.1f} s so far")
+            log.info("[%d/%d] patient %s: %d slices -> %s (%s); %.1f s so far", done, len(found), series.patient_id,
+                     prediction.slices, prediction.seg, share, time.time() - started)
         del series  # before the next series is decoded: one series in memory, never two
     if not decoded:
         raise ValueError(f"no usable image series under {source}\n{report.format()}")

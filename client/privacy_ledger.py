@@ -84,10 +84,12 @@ class PrivacyLedger:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         ledger = cls(path, [])
+        # A random nonce: no two ledgers ever share a genesis hash, so a replaced one is always caught.
+        genesis = ledger._entry("genesis", {"site": site, "nonce": secrets.token_hex(16)})
         with open(path, "x") as fh:
-            # A random nonce: no two ledgers ever share a genesis hash, so a replaced one is always caught.
-            fh.write(json.dumps(ledger._entry("genesis", {"site": site, "nonce": secrets.token_hex(16)}), sort_keys=True) + "\n")
+            fh.write(json.dumps(genesis, sort_keys=True) + "\n")
         path.chmod(0o600)
+        cls(path, [genesis])._write_head()
         return cls.open(path)
 
     @classmethod
@@ -105,7 +107,37 @@ class PrivacyLedger:
         if genesis is not None and entries[0]["hash"] != genesis:
             raise LedgerError(f"the privacy ledger {path} is not the one this site's policy names (another genesis): "
                               "restore the site's own ledger from backup")
-        return cls(path, entries)
+        ledger = cls(path, entries)
+        head = ledger._read_head()
+        if head is None:  # a ledger from before heads were kept
+            ledger._write_head()
+        elif not (head["seq"] < len(entries) and entries[head["seq"]]["hash"] == head["hash"]):
+            raise LedgerError(f"the privacy ledger {path} ends before line {head['seq'] + 1}, which it recorded (cut short, or an "
+                              "older backup restored on its own): restore its latest copy, or ask your privacy officer")
+        return ledger
+
+    @property
+    def head_path(self) -> Path:
+        """The last line's number and hash, kept beside the ledger: a chain cut at its end still
+        verifies, this file does not let it pass unnoticed."""
+        return self.path.with_suffix(".head")
+
+    def _read_head(self) -> dict[str, Any] | None:
+        try:
+            head = json.loads(self.head_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:
+            raise LedgerError(f"the ledger's head file {self.head_path} is unreadable ({err}): ask your privacy officer") from err
+        if not (isinstance(head, dict) and isinstance(head.get("seq"), int) and head["seq"] >= 0 and isinstance(head.get("hash"), str)):
+            raise LedgerError(f"the ledger's head file {self.head_path} is malformed: ask your privacy officer")
+        return head
+
+    def _write_head(self) -> None:
+        temporary = self.head_path.with_suffix(".head.tmp")
+        temporary.write_text(json.dumps({"seq": self.entries[-1]["seq"], "hash": self.entries[-1]["hash"]}))
+        temporary.chmod(0o600)
+        os.replace(temporary, self.head_path)
 
     @property
     def genesis(self) -> str:
@@ -151,4 +183,5 @@ class PrivacyLedger:
             fh.flush()
             os.fsync(fh.fileno())
         self.entries.append(entry)
+        self._write_head()
         return entry

@@ -30,6 +30,7 @@ class SitePolicy:
     validation_key: str = ""  # secret: which patients validate (hex); made at creation
     validations_per_round: int = 1
     untrained_validations_per_day: int = 4  # of weights not trained here in that run (round 0, after a resume), all runs together
+    validations_per_day: int = 48  # every validation, all runs together: rounded metrics are not noised, their number is the bound
     metrics: tuple[str, ...] = ("dice", "dice-per-class", "hd95")  # what validation may release
     precision: int = 2  # decimals of every released metric
     example_count_bin: int = 10  # the training example count leaves rounded up to this
@@ -46,6 +47,7 @@ class SitePolicy:
             "validation_fraction must be in [0, 1)": 0 <= self.validation_fraction < 1,
             "validations_per_round must be >= 1": self.validations_per_round >= 1,
             "untrained_validations_per_day must be >= 0": self.untrained_validations_per_day >= 0,
+            "validations_per_day must be >= 1": self.validations_per_day >= 1,
             "precision must be 0..6": 0 <= self.precision <= 6,
             "example_count_bin must be >= 1": self.example_count_bin >= 1,
             "metrics may be dice, dice-per-class, iou, hd95": set(self.metrics) <= {"dice", "dice-per-class", "iou", "hd95"},

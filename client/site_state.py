@@ -10,6 +10,7 @@ from typing import Any
 
 from client.privacy_ledger import PrivacyLedger
 from client.site_policy import PolicyError, SitePolicy, new_policy
+from common.folders import Entry
 
 
 @dataclass(frozen=True)
@@ -17,14 +18,8 @@ class SiteState:
     """Where a site keeps what only its guard may read."""
 
     root: Path
-
-    @property
-    def policy_file(self) -> Path:
-        return self.root / "site_policy.toml"
-
-    @property
-    def ledger_file(self) -> Path:
-        return self.root / "privacy_ledger" / "ledger.jsonl"
+    policy_file = Entry("site_policy.toml")
+    ledger_file = Entry("privacy_ledger", "ledger.jsonl")
 
     def open(self, site: str, create_with: Mapping[str, Any] | None = None) -> tuple[SitePolicy, PrivacyLedger, bool]:
         """The site's policy and ledger. A first start (neither exists) creates both when

@@ -11,7 +11,9 @@ SuperExec that runs each message's courier ClientApp as another OS user (`client
 
 from __future__ import annotations
 
+import logging
 import os
+import shlex
 import shutil
 import socket
 import ssl
@@ -26,11 +28,14 @@ from client.supernode_poll import supernode_launcher
 from client.guard import SiteGuard
 from client.site_state import SiteState
 from client.guard_socket import GuardServer
-from client.isolation import COURIER_USER, Courier, open_socket_to_courier, prepare_courier
+from client.isolation import COURIER_USER, Courier, external_courier, open_socket_to_courier, prepare_courier
 from common.credentials import SiteKeys
 from common.errors import FedsegError
 from common.flower_env import flower_env
+from common.folders import Entry
 from common.processes import FlowerProcess, flower_executable, free_port, run_until_stopped
+
+log = logging.getLogger(__name__)
 
 
 class SiteError(FedsegError, RuntimeError):
@@ -40,22 +45,12 @@ class SiteError(FedsegError, RuntimeError):
 @dataclass(frozen=True)
 class SiteFolder:
     root: Path
-
-    @property
-    def keys(self) -> SiteKeys:
-        return SiteKeys(self.root)
-
-    @property
-    def state(self) -> SiteState:
-        return SiteState(self.root)
-
-    @property
-    def node_config_file(self) -> Path:
-        return self.root / "node_config.toml"
-
-    @property
-    def log_file(self) -> Path:
-        return self.root / "logs" / "supernode.log"
+    keys = Entry(kind=SiteKeys)
+    state = Entry(kind=SiteState)
+    node_config_file = Entry("node_config.toml")
+    flwr_home = Entry(".flwr")
+    log_file = Entry("logs", "supernode.log")
+    superexec_log_file = Entry("logs", "superexec.log")
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -108,37 +103,55 @@ def courier_env(courier: Courier, launcher: Path | None) -> dict[str, str]:
     return env
 
 
+def courier_command(runtime_port: int) -> list[str]:
+    """The courier's SuperExec: it starts a ClientApp process per message, as the courier user."""
+    return [flower_executable("flower-superexec"), "--insecure", "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
+
+
+def external_courier_instructions(courier: Courier, launcher: Path | None, runtime_port: int) -> str:
+    """What the hospital runs as the courier user (in a shell of that user, or the courier's container)."""
+    env = courier_env(courier, launcher)
+    line = " ".join([f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())] + [shlex.quote(a) for a in courier_command(runtime_port)])
+    return f"start the courier as {courier.user} now (it needs this machine's loopback and {courier.socket_dir}):\n  env -i {line}"
+
+
 def run_site(folder: SiteFolder, guard: SiteGuard, server: str, ca_cert: Path | None, runtime_port: int = 0,
-             verbose: bool = False) -> int:
+             verbose: bool = False, external_courier_user: str | None = None) -> int:
     """Serve rounds until stopped: the guard on its socket (in this process), the SuperNode (this
-    user: it holds the site key), and the SuperExec with its ClientApps as the courier user."""
+    user: it holds the site key), and the SuperExec with its ClientApps as the courier user — started
+    here, or by the hospital as `external_courier_user`."""
     if ca_cert is not None:
         if not folder.keys.private_key.is_file():
             raise SiteError(f"no site key at {folder.keys.private_key}: create it with `fedseg site-init {folder.root}` "
                             "and send site.pub to the coordinator to be registered")
         if not check_server_certificate(server, ca_cert):
-            print(f"the server at {server} does not answer yet; the site keeps trying", flush=True)
-    courier = prepare_courier(folder.root, Path(guard.data_dir))
+            log.info("the server at %s does not answer yet; the site keeps trying", server)
+    courier = (external_courier(folder.root, Path(guard.data_dir), external_courier_user) if external_courier_user
+               else prepare_courier(folder.root, Path(guard.data_dir)))
     if not courier.isolated:
-        print("WARNING: not running as root, so the app bundle the coordinator ships (the courier) runs as this same user "
-              "and could read what this user can. Run `fedseg site` as root (it then uses the unprivileged user "
-              f"{COURIER_USER}), or use the two-container layout in the README.", flush=True)
+        log.warning("not running as root, so the app bundle the coordinator ships (the courier) runs as this same user "
+                    "and could read what this user can. Run `fedseg site` as root (it then uses the unprivileged user "
+                    "%s), or start the courier as another user yourself (--external-courier USER; README: privacy model).", COURIER_USER)
     socket_path = courier.socket_dir / "guard.sock"
     guard_server = GuardServer(socket_path, guard)
     open_socket_to_courier(socket_path, courier)
     threading.Thread(target=guard_server.serve_forever, name="site-guard", daemon=True).start()
     write_node_config(folder, guard.name, socket_path)
     runtime_port = runtime_port or free_port()
-    env = flower_env(folder.root / ".flwr")
-    env["FLWR_HOME"] = str((folder.root / ".flwr").resolve())
-    supernode = FlowerProcess(supernode_command(folder, server, ca_cert, runtime_port), env, folder.root, folder.log_file, verbose)
-    superexec = FlowerProcess([flower_executable("flower-superexec"), "--insecure", "--runtime-api-address", f"127.0.0.1:{runtime_port}"],
-                              courier_env(courier, write_launcher(courier.socket_dir)), courier.home, folder.root / "logs" / "superexec.log", verbose,
-                              user=courier.uid, group=courier.gid)
-    print(f"site {guard.name} connecting to {server} ({'TLS, authenticated' if ca_cert else 'INSECURE'}); courier runs as "
-          f"{courier.user or 'this user'}; guard socket {socket_path}; full log {folder.log_file}", flush=True)
+    env = {**flower_env(folder.flwr_home), "FLWR_HOME": str(folder.flwr_home.resolve())}
+    launcher = write_launcher(courier.socket_dir)
+    supernode = FlowerProcess(supernode_command(folder, server, ca_cert, runtime_port), env, folder.root, folder.log_file, verbose,
+                              name="flower-supernode")
+    processes = [supernode]
+    if courier.external:
+        log.info(external_courier_instructions(courier, launcher, runtime_port))
+    else:
+        processes.append(FlowerProcess(courier_command(runtime_port), courier_env(courier, launcher), courier.home,
+                                       folder.superexec_log_file, verbose, user=courier.uid, group=courier.gid))
+    log.info("site %s connecting to %s (%s); courier runs as %s; guard socket %s; full log %s", guard.name, server,
+             "TLS, authenticated" if ca_cert else "INSECURE", courier.user or "this user", socket_path, folder.log_file)
     try:
-        code = run_until_stopped(supernode, superexec)
+        code = run_until_stopped(*processes)
     finally:
         guard_server.shutdown()
         guard_server.server_close()

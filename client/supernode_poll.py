@@ -5,7 +5,7 @@ between looks for the ClientApp's reply (`flwr/supernode/start_client_internal.p
 only uses of `time`); neither can be configured. A round waits for its slowest site, so it pays the
 largest of the sites' idle delays: 2.25 s on average at 3 sites, before any site has started. We
 run Flower's own `flower_supernode()` after giving that one module a `time` whose `sleep` is capped
-at `poll` seconds for `active` seconds after the SuperNode starts or answers a message; nothing else
+at `poll` seconds for `active` seconds after the SuperNode starts or has answered a message; nothing else
 in Flower changes. So during a run a site asks the server for work every `poll` seconds (2 small
 signed requests a second at 0.5 s), and a site idle for longer falls back to Flower's 3 s, which
 keeps the server's and the edge's load and logs as they were between runs.
@@ -31,7 +31,10 @@ busy = [time.monotonic()]
 push = loop._push_messages
 def answering(*args, **kwargs):
     busy[0] = time.monotonic()
-    return push(*args, **kwargs)
+    try:
+        return push(*args, **kwargs)
+    finally:
+        busy[0] = time.monotonic()  # a round longer than the window must not fall back to the slow poll
 shorter = types.ModuleType("time")
 shorter.__dict__.update(time.__dict__)
 shorter.sleep = lambda seconds: time.sleep(min(seconds, poll) if time.monotonic() - busy[0] < active else seconds)

@@ -27,6 +27,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from common.config import TrainSettings
 from common.dataset import Patient, SiteData, augmentation
+from common.inference import predict_labels
 from common.losses import patient_loss
 from common.metrics import class_metrics, foreground_dice
 
@@ -40,6 +41,7 @@ class RoundPlan:
     sample_rate: float  # expected patients per step / training patients
     steps: int
     noise_multiplier: float  # 0: not private
+    patients: int  # the count it was planned on (the site's, binned down): the update is scaled by it too
 
     @property
     def event(self) -> Event:
@@ -52,9 +54,9 @@ def plan_round(settings: TrainSettings, num_patients: int, delta: float) -> Roun
     q = min(1.0, settings.batch_size / num_patients)
     steps = max(1, round(settings.local_epochs / q))
     if not settings.private:
-        return RoundPlan(q, steps, 0.0)
+        return RoundPlan(q, steps, 0.0, num_patients)
     sigma = settings.noise_multiplier or calibrated_noise(settings.target_epsilon, delta, q, steps * settings.num_rounds)
-    return RoundPlan(q, steps, sigma)
+    return RoundPlan(q, steps, sigma, num_patients)
 
 
 @functools.lru_cache(maxsize=64)
@@ -119,7 +121,9 @@ def train_round(model: torch.nn.Module, patients: Sequence[Patient], settings: T
     global_weights = [p.detach().clone() for p in model.parameters()]
     names = [n for n, _ in model.named_parameters()]
     buffers = {n: b.detach() for n, b in model.named_buffers()}
-    expected_batch = plan.sample_rate * len(patients)
+    # Opacus divides the noisy sum by this: from the planned (binned) count, not len(patients), or the
+    # noise's size in the released weights would give the exact patient count away.
+    expected_batch = plan.sample_rate * plan.patients
     lr = round_learning_rate(settings)
     optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=settings.momentum)
     if plan.noise_multiplier > 0:
@@ -172,15 +176,9 @@ def _batch(patients: Sequence[Patient], count: int, augment, generator: torch.Ge
     return torch.stack(images).reshape(*shape, *images[0].shape), torch.stack(masks).reshape(*shape, *masks[0].shape)
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, data: SiteData, num_classes: int, device: torch.device) -> dict[str, float]:
     """Per-class Dice/IoU/HD95 over the site's validation patients (each a 3D volume), averaged."""
-    model.to(device).eval()
-    per_volume = []
-    for volume in data.validation:
-        logits = torch.cat([model(torch.as_tensor(chunk).to(device)) for chunk in np.array_split(volume.image, max(1, len(volume.image) // 32))])
-        pred = logits.argmax(dim=1).cpu().numpy()
-        per_volume.append(class_metrics(pred, volume.mask, num_classes, volume.spacing))
+    per_volume = [class_metrics(predict_labels(model, v.image, device), v.mask, num_classes, v.spacing) for v in data.validation]
     metrics: dict[str, float] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN classes stay NaN

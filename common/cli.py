@@ -25,6 +25,8 @@ from common.errors import FedsegError
 COMMANDS_GROUP = "fedseg.commands"
 # The roles' entry-point names, in the order `fedseg --help` lists their subcommands.
 COMMAND_GROUPS = ("simulations", "server", "client")
+# fedseg's top-level packages: their modules' loggers are the ones `configure_logging` shows.
+PACKAGES = ("client", "server", "common", "simulations")
 
 
 def command_registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
@@ -44,7 +46,7 @@ def command_registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedseg", description="Federated, differentially private medical image segmentation.")
-    parser.add_argument("--verbose", action="store_true", help="show Flower's own log")
+    parser.add_argument("--verbose", action="store_true", help="show Flower's own log and fedseg's debug lines")
     sub = parser.add_subparsers(dest="command", required=True)
     for register in command_registrars():
         register(sub)
@@ -52,12 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(verbose: bool) -> None:
-    """Our progress lines on stdout; Flower's own log only with --verbose. Done before any import of
-    opacus, whose import-time basicConfig would otherwise print every Flower line twice."""
+    """fedseg's own log (each module's `logging.getLogger(__name__)`, under PACKAGES) as plain lines on
+    stdout, INFO and up (DEBUG with --verbose); Flower's own log, through Flower's handler, only with
+    --verbose. Done before any import of opacus, whose import-time basicConfig would otherwise print
+    every Flower line twice."""
     import flwr.common.logger  # noqa: F401  (sets its own level on import; ours must come after)
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    logging.getLogger("fedseg").setLevel(logging.INFO)
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    for name in PACKAGES:
+        logger = logging.getLogger(name)
+        logger.addHandler(console)
+        logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+        logger.propagate = False  # shown once, not again by the root's handler
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.propagate = False
     flwr_logger.setLevel(logging.DEBUG if verbose else logging.WARNING)

@@ -1,4 +1,6 @@
-"""The run configuration: one set of defaults for the ServerApp, `fedseg simulate` and the CLI.
+"""The run configuration: one declaration per key, from which come the defaults (for the ServerApp,
+`fedseg simulate` and the CLI), the `fedseg run`/`simulate` flags (server/run_options.py), the keys
+sent to sites, the keys a resumed run may change, and a site's TrainSettings.
 
 `pyproject.toml`'s `[tool.flwr.app.config]` mirrors `RUN_DEFAULTS` (a test keeps them equal), so a
 `flwr run` deployment and a local simulation start from the same numbers.
@@ -8,53 +10,79 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
-
-RUN_DEFAULTS: dict[str, Any] = {
-    "num-server-rounds": 12,
-    "local-epochs": 2,
-    "batch-size": 16,
-    "learning-rate": 0.05,
-    "momentum": 0.9,
-    "strategy": "fedavg",
-    "proximal-mu": 0.01,
-    "server-learning-rate": 0.01,
-    "min-sites": 2,
-    "fraction-train": 1.0,
-    "target-epsilon": 8.0,
-    "noise-multiplier": 0.0,
-    "max-grad-norm": 1.0,
-    "delta": 1e-5,
-    "image-size": 64,
-    "classes": "organ,lesion",
-    "val-fraction": 0.25,
-    "seed": 0,
-    "round-timeout": 3600.0,
-    "round-retries": 2,
-    "max-update-norm-ratio": 10.0,
-    "trim-fraction": 0.2,
-    "byzantine-sites": 0,
-    "run-dir": "",
-    "resume": False,
-}
-
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
-# What a resumed run may change; everything else comes from the interrupted run's own record.
-RESUMABLE = ("num-server-rounds", "round-timeout", "round-retries", "min-sites", "run-dir", "resume")
+from dataclasses import dataclass, field, fields
+from typing import Any, get_type_hints
 
 
 @dataclass(frozen=True)
+class Option:
+    """One run-config key. Its value type is its default's type. `flag` is its `fedseg run`/`simulate`
+    option (None: set in pyproject.toml or by the command itself), `help` that flag's help (argparse
+    expands %(default)s). `to_sites`: part of what each site is sent every round. `resumable`: a resumed
+    run may change it; the rest comes from the run's own record."""
+
+    default: Any
+    help: str = ""
+    flag: str | None = None
+    choices: tuple[str, ...] = ()
+    to_sites: bool = False
+    resumable: bool = False
+
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+
+OPTIONS: dict[str, Option] = {
+    "num-server-rounds": Option(12, "federated rounds", flag="rounds", to_sites=True, resumable=True),
+    "local-epochs": Option(2, "expected passes over a site's training patients per round", flag="local-epochs", to_sites=True),
+    "batch-size": Option(16, "expected patients per DP-SGD step (Poisson sampling)", flag="batch-size", to_sites=True),
+    "learning-rate": Option(0.05, "sites' SGD learning rate in round 1 (cosine decay to 0.1x over the run)", flag="learning-rate", to_sites=True),
+    "momentum": Option(0.9, to_sites=True),
+    "strategy": Option("fedavg", flag="strategy", choices=STRATEGIES),
+    "proximal-mu": Option(0.01),  # FedProx sends it to sites itself
+    "server-learning-rate": Option(0.01),
+    "min-sites": Option(2, resumable=True),  # each command has its own --min-sites (simulate: all sites)
+    "fraction-train": Option(1.0),
+    "target-epsilon": Option(8.0, "target patient-level ε for the whole run, per site; 'inf' turns DP off (baseline)",
+                             flag="epsilon", to_sites=True),
+    "noise-multiplier": Option(0.0, "fixed DP-SGD noise multiplier instead of calibrating to --epsilon",
+                               flag="noise-multiplier", to_sites=True),
+    "max-grad-norm": Option(1.0, "DP-SGD clipping norm of one patient's gradient", flag="max-grad-norm", to_sites=True),
+    "delta": Option(1e-5, "δ the run asks for; a deployed site uses its own policy's", flag="delta", to_sites=True),
+    "image-size": Option(64, "slices are resampled to this many pixels a side", flag="image-size", to_sites=True),
+    "classes": Option("organ,lesion", "foreground classes, matched to SEG segment labels (default %(default)s)",
+                      flag="classes", to_sites=True),
+    "val-fraction": Option(0.25, to_sites=True),
+    "seed": Option(0, "initialisation and augmentation (never DP noise or sampling: those are seeded by the OS)", flag="seed", to_sites=True),
+    "round-timeout": Option(3600.0, "seconds to wait for sites' replies (and for enough sites to be online) per round",
+                            flag="round-timeout", resumable=True),
+    "round-retries": Option(2, "times a round is retried when fewer than --min-sites usable updates came back",
+                            flag="round-retries", resumable=True),
+    "max-update-norm-ratio": Option(10.0, "reject an update whose norm exceeds this many times the other sites' median (0: off)",
+                                    flag="max-update-norm-ratio"),
+    "trim-fraction": Option(0.2, "fedtrimmedavg: fraction cut at each end", flag="trim-fraction"),
+    "byzantine-sites": Option(0, "krum, fedmedian, fedtrimmedavg: sites assumed malicious (at least 1 is always assumed)",
+                              flag="byzantine-sites"),
+    "run-dir": Option("", resumable=True),
+    "resume": Option(False, resumable=True),
+}
+
+RUN_DEFAULTS: dict[str, Any] = {key: option.default for key, option in OPTIONS.items()}
+SITE_KEYS = tuple(key for key, option in OPTIONS.items() if option.to_sites)
+RESUMABLE = tuple(key for key, option in OPTIONS.items() if option.resumable)
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainSettings:
-    """What a site needs from the run config to train one round (sent by the server each round)."""
+    """What a site needs from the run config to train one round (sent by the server each round). Each
+    field reads the key of its name with dashes (or its `key` metadata), cast to the field's type."""
 
     server_round: int
-    num_rounds: int
+    num_rounds: int = field(metadata={"key": "num-server-rounds"})
     local_epochs: int
     batch_size: int
     learning_rate: float
     momentum: float
-    proximal_mu: float
+    proximal_mu: float = 0.0  # only FedProx sends it
     target_epsilon: float
     noise_multiplier: float
     max_grad_norm: float
@@ -68,36 +96,27 @@ class TrainSettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> TrainSettings:
-        return cls(
-            server_round=int(config.get("server-round", 1)),
-            num_rounds=int(config["num-server-rounds"]),
-            local_epochs=int(config["local-epochs"]),
-            batch_size=int(config["batch-size"]),
-            learning_rate=float(config["learning-rate"]),
-            momentum=float(config["momentum"]),
-            proximal_mu=float(config.get("proximal-mu", 0.0)),
-            target_epsilon=float(config["target-epsilon"]),
-            noise_multiplier=float(config["noise-multiplier"]),
-            max_grad_norm=float(config["max-grad-norm"]),
-            delta=float(config["delta"]),
-            seed=int(config["seed"]),
-        )
+        """The settings in `config`; a missing key without a default is a TypeError, a bad value a ValueError."""
+        types = get_type_hints(cls)
+        keys = {f.name: f.metadata.get("key", f.name.replace("_", "-")) for f in fields(cls)}
+        return cls(**{name: types[name](config[key]) for name, key in keys.items() if key in config})
 
 
 def run_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Defaults overlaid with the given values; unknown keys are a mistake, not a silent no-op."""
     merged = dict(RUN_DEFAULTS)
     for key, value in (overrides or {}).items():
-        if key not in RUN_DEFAULTS:
-            raise KeyError(f"unknown run config key {key!r}; known keys: {sorted(RUN_DEFAULTS)}")
-        kind = type(RUN_DEFAULTS[key])
+        if key not in OPTIONS:
+            raise KeyError(f"unknown run config key {key!r}; known keys: {sorted(OPTIONS)}")
+        kind = type(OPTIONS[key].default)
         if kind is bool and isinstance(value, str):  # bool("false") is True
             if value.lower() not in ("true", "false"):
                 raise ValueError(f"{key} must be true or false, got {value!r}")
             value = value.lower() == "true"
         merged[key] = kind(value)
-    if merged["strategy"] not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {merged['strategy']!r}")
+    for key, option in OPTIONS.items():
+        if option.choices and merged[key] not in option.choices:
+            raise ValueError(f"{key} must be one of {option.choices}, got {merged[key]!r}")
     return merged
 
 

@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.folders import Entry
+
 
 class CredentialsExist(FileExistsError):
     """Refusal to overwrite a key or certificate."""
@@ -27,22 +29,10 @@ class CredentialsExist(FileExistsError):
 @dataclass(frozen=True)
 class ServerCertificates:
     folder: Path
-
-    @property
-    def ca_cert(self) -> Path:
-        return self.folder / "ca.crt"
-
-    @property
-    def ca_key(self) -> Path:
-        return self.folder / "ca.key"
-
-    @property
-    def server_cert(self) -> Path:
-        return self.folder / "server.crt"
-
-    @property
-    def server_key(self) -> Path:
-        return self.folder / "server.key"
+    ca_cert = Entry("ca.crt")
+    ca_key = Entry("ca.key")
+    server_cert = Entry("server.crt")
+    server_key = Entry("server.key")
 
     def missing(self) -> list[Path]:
         """What `flower-superlink` needs and is not there (the CA key is not needed to serve)."""
@@ -52,14 +42,8 @@ class ServerCertificates:
 @dataclass(frozen=True)
 class SiteKeys:
     folder: Path
-
-    @property
-    def private_key(self) -> Path:
-        return self.folder / "site.key"
-
-    @property
-    def public_key(self) -> Path:
-        return self.folder / "site.pub"
+    private_key = Entry("site.key")
+    public_key = Entry("site.pub")
 
 
 def _write_new(path: Path, data: bytes, private: bool) -> None:

@@ -58,7 +58,6 @@ class Series:
     spacing: tuple[float, float, float]  # (slice, row, col) in mm
     origin: np.ndarray  # ImagePositionPatient of the first slice
     orientation: np.ndarray  # 6 direction cosines (row direction, column direction)
-    normal: np.ndarray
     paths: list[Path] = field(default_factory=list)  # the slice files, in slice order
     notes: list[str] = field(default_factory=list)
 
@@ -147,13 +146,13 @@ def _identity_differences(reference: Header, others: Sequence[Header]) -> list[s
     return [keyword for keyword, name in IDENTITY.items() if any(getattr(h, name) != getattr(reference, name) for h in others)]
 
 
-def order_slices(headers: Sequence[Header]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Slice order along the normal of the image plane, the positions along it, and the normal."""
+def order_slices(headers: Sequence[Header]) -> tuple[np.ndarray, np.ndarray]:
+    """Slice order along the normal of the image plane (row x column direction), and the positions along it."""
     orientation = np.asarray(headers[0].orientation, dtype=float)
     normal = np.cross(orientation[:3], orientation[3:])
     positions = np.array([np.dot(np.asarray(h.position, dtype=float), normal) for h in headers])
     order = np.argsort(positions, kind="stable")
-    return order, positions[order], normal
+    return order, positions[order]
 
 
 def read_pixels(path: str | Path) -> np.ndarray:
@@ -212,7 +211,7 @@ def read_series(files: Sequence[tuple[Path, Header]]) -> Series:
     headers = [h for _, h in files]
     first = headers[0]
     _check_geometry(headers)
-    order, positions, normal = order_slices(headers)
+    order, positions = order_slices(headers)
     gaps = np.diff(positions)
     if len(gaps) and np.min(gaps) < 1e-3:
         raise ValueError("two or more slices share a position")
@@ -231,7 +230,6 @@ def read_series(files: Sequence[tuple[Path, Header]]) -> Series:
         spacing=(slice_spacing, row_spacing, col_spacing),
         origin=np.asarray(headers[order[0]].position, dtype=float),
         orientation=np.asarray(first.orientation, dtype=float),
-        normal=normal,
         paths=[files[i][0] for i in order],
         notes=notes,
     )
@@ -273,13 +271,12 @@ def read_seg_mask(seg_path: Path, series: Series, class_names: Sequence[str]) ->
 
 
 def voxel_to_patient(series: Series) -> np.ndarray:
-    """4x4 affine from (slice, row, col) indices to patient LPS millimetres."""
-    affine = np.eye(4)
-    affine[:3, 0] = series.normal * series.spacing[0]
-    affine[:3, 1] = series.orientation[3:] * series.spacing[1]
-    affine[:3, 2] = series.orientation[:3] * series.spacing[2]
-    affine[:3, 3] = series.origin
-    return affine
+    """4x4 affine from (slice, row, col) indices to patient LPS millimetres (DICOM's equation
+    C.7.6.2.1-1, by highdicom). Slices run along row x column direction, as `order_slices` sorts them:
+    with rows going down (D) and columns right (R), highdicom calls that index system left-handed."""
+    return hd.spatial.create_affine_matrix_from_attributes(
+        series.origin, series.orientation, series.spacing[1:], series.spacing[0],
+        index_convention="DR", slices_first=True, handedness="LEFT_HANDED")
 
 
 def _nifti_labels(path: Path) -> nib.spatialimages.SpatialImage:

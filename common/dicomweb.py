@@ -9,8 +9,9 @@ site's credentials and verifies TLS, always."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,6 +24,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from common.safe_paths import UnsafePath, fingerprint, path_under, safe_name
+
+log = logging.getLogger(__name__)
 
 
 class PacsAuthError(ConnectionError):
@@ -172,8 +175,7 @@ class PullCounts:
     refused: int = 0
 
 
-def _pull_series(client: DICOMwebClient, url: str, folder: Path, series: pydicom.Dataset, counts: PullCounts,
-                 progress: Callable[[str], None]) -> Path:
+def _pull_series(client: DICOMwebClient, url: str, folder: Path, series: pydicom.Dataset, counts: PullCounts) -> Path:
     """The series' instances not already in its cache folder; returns that folder."""
     target = _series_folder(folder, series)
     have = {p.name for p in target.glob("*.dcm")}
@@ -187,7 +189,7 @@ def _pull_series(client: DICOMwebClient, url: str, folder: Path, series: pydicom
             path = _instance_file(target, series, ds)
         except UnsafePath as err:
             counts.refused += 1
-            progress(f"  {err}")
+            log.warning(f"  {err}")
             continue
         if path.name not in have:
             ds.save_as(path, enforce_file_format=True)
@@ -196,8 +198,7 @@ def _pull_series(client: DICOMwebClient, url: str, folder: Path, series: pydicom
     return target
 
 
-def pull(url: str, folder: Path, studies: Sequence[str] | None, http: requests.Session | None = None,
-         progress: Callable[[str], None] = print) -> PullCounts:
+def pull(url: str, folder: Path, studies: Sequence[str] | None, http: requests.Session | None = None) -> PullCounts:
     """Every series of `studies` into `folder`/<study>/<series>/<sop>.dcm; `studies=None` copies the
     whole server, so callers must mean it. Series and instances whose names are unsafe are refused
     (counted, and said why), the rest still pulled."""
@@ -206,13 +207,13 @@ def pull(url: str, folder: Path, studies: Sequence[str] | None, http: requests.S
     counts = PullCounts()
     for n, item in enumerate(found, start=1):
         try:
-            target = _pull_series(client, url, folder, pydicom.Dataset.from_json(item), counts, progress)
+            target = _pull_series(client, url, folder, pydicom.Dataset.from_json(item), counts)
         except UnsafePath as err:
             counts.refused += 1
-            progress(f"  [{n}/{len(found)}] {err}")
+            log.warning(f"  [{n}/{len(found)}] {err}")
             continue
-        progress(f"  [{n}/{len(found)}] series {target.name} from {url}")
-    progress(f"{len(found)} series from {url}: {counts.fetched} instances fetched, {counts.cached} already in {folder}"
+        log.info(f"  [{n}/{len(found)}] series {target.name} from {url}")
+    log.info(f"{len(found)} series from {url}: {counts.fetched} instances fetched, {counts.cached} already in {folder}"
              + (f", {counts.refused} refused (unsafe names)" if counts.refused else ""))
     return counts
 

@@ -1,26 +1,39 @@
-"""A global model applied to a whole series: the training preprocessing, then the mask back on the
-series' own pixel grid, so a SEG or NIfTI written from it overlays the source images exactly."""
+"""A 2D model over a volume, slice by slice (MONAI's SliceInferer), the same way in validation, in the
+run report and in prediction; for prediction the mask is brought back on the series' own pixel grid,
+so a SEG or NIfTI written from it overlays the source images exactly."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.inferers import SliceInferer
 
 from common.dataset import prepare_image
 from common.dicom_io import Series
 
 
 @torch.no_grad()
+def slice_logits(model: torch.nn.Module, image: np.ndarray | torch.Tensor, device: torch.device, batch: int = 32) -> torch.Tensor:
+    """Class scores [slices, classes, S, S], on the CPU, of a preprocessed volume [slices, 1, S, S]:
+    `batch` whole slices at a time on `device`, so a long series never sits on the device at once."""
+    inferer = SliceInferer(roi_size=(-1, -1), sw_batch_size=batch, spatial_dim=0, sw_device=device, device=torch.device("cpu"))
+    volume = torch.as_tensor(image).movedim(0, 1)[None]  # [1, 1, slices, S, S]: the slices are MONAI's first spatial axis
+    return inferer(volume, model.eval().to(device))[0].movedim(1, 0)
+
+
+def predict_labels(model: torch.nn.Module, image: np.ndarray, device: torch.device) -> np.ndarray:
+    """Class indices [slices, S, S] of a preprocessed volume, on the model's own grid."""
+    return slice_logits(model, image, device).argmax(dim=1).numpy()
+
+
+@torch.no_grad()
 def segment_series(model: torch.nn.Module, series: Series, image_size: int, device: torch.device, batch: int = 32) -> np.ndarray:
     """Class indices, [slices, rows, cols] uint8, aligned with `series.volume`. Class scores are
-    upsampled before the argmax, so boundaries are smooth at the original resolution."""
-    model.eval().to(device)
-    image = torch.as_tensor(prepare_image(series, image_size))
+    upsampled before the argmax, `batch` slices at a time, so boundaries are smooth at the original
+    resolution and full-resolution scores are never held for the whole series."""
+    logits = slice_logits(model, prepare_image(series, image_size), device, batch)
     rows, cols = series.volume.shape[1:]
-    masks = []
-    for chunk in image.split(batch):
-        logits = model(chunk.to(device))
-        logits = F.interpolate(logits, size=(rows, cols), mode="bilinear", align_corners=False)
-        masks.append(logits.argmax(dim=1).to(torch.uint8).cpu())
+    masks = [F.interpolate(chunk.to(device), size=(rows, cols), mode="bilinear", align_corners=False).argmax(dim=1).to(torch.uint8).cpu()
+             for chunk in logits.split(batch)]
     return torch.cat(masks).numpy()

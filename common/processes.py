@@ -10,6 +10,7 @@ makes itself their subreaper, so such orphans come back to it and are stopped to
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import re
 import shutil
@@ -27,6 +28,8 @@ from types import FrameType
 import psutil
 
 from common.errors import FedsegError
+
+log = logging.getLogger(__name__)
 
 # Flower's INFO chatter and uvicorn's per-request access log: kept in the log file only.
 _NOISE = re.compile(r"( INFO \[uvicorn|uvicorn\.access|^INFO:\s|^\x1b\[92mINFO \x1b\[0m:|^\s*$|^\d\d/\d\d/\d{4} [\d:]+:INFO:\s*$)")
@@ -107,8 +110,10 @@ class FlowerProcess:
     """One child process whose output is logged in full and shown filtered."""
 
     def __init__(self, command: Sequence[str], env: dict[str, str], cwd: Path, log_file: Path | None,
-                 verbose: bool = False, console: bool = True, user: int | None = None, group: int | None = None) -> None:
+                 verbose: bool = False, console: bool = True, user: int | None = None, group: int | None = None,
+                 name: str | None = None) -> None:
         self.command = list(command)
+        self.name = name or Path(self.command[0]).name  # what the operator is told: `python -c ...` needs a name
         self.log_file = log_file
         self.verbose = verbose
         self.console = console
@@ -127,24 +132,20 @@ class FlowerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
-    @property
-    def name(self) -> str:
-        return Path(self.command[0]).name
-
     def _copy_output(self) -> None:
-        log = self.log_file.open("a", encoding="utf-8") if self.log_file else None
+        kept = self.log_file.open("a", encoding="utf-8") if self.log_file else None
         try:
             for line in self.proc.stdout:  # type: ignore[union-attr]
                 self.tail.append(line.rstrip("\n"))
-                if log:
-                    log.write(line)
-                    log.flush()
+                if kept:
+                    kept.write(line)
+                    kept.flush()
                 if self.console and (self.verbose or not _NOISE.search(line)):
                     sys.stdout.write(line)
                     sys.stdout.flush()
         finally:
-            if log:
-                log.close()
+            if kept:
+                kept.close()
 
     def running(self) -> bool:
         return self.proc.poll() is None
@@ -225,10 +226,10 @@ def run_until_stopped(proc: FlowerProcess, *others: FlowerProcess) -> int:
             stopping.wait(0.5)
             reap_orphans(keep=[proc.pid, *(p.pid for p in others)])
         if stopping.is_set():
-            print("stopping ...", flush=True)
+            log.info("stopping ...")
         elif others:  # one of several daemons ended by itself: say which, or the rest just vanish
             ended = next(p for p in (proc, *others) if not p.running())
-            print(f"{ended.name} exited (code {ended.proc.returncode}); stopping the rest", flush=True)
+            log.info(f"{ended.name} exited (code {ended.proc.returncode}); stopping the rest")
         for other in others:
             other.stop()
         code = proc.stop()

@@ -52,14 +52,20 @@ def _register(args: argparse.Namespace) -> int:
     from server.control import register_site
     from server.superlink import ServerFolder
 
-    return register_site(ServerFolder(Path(args.server_dir)), Path(args.public_key), args.name)
+    node_id = register_site(ServerFolder(Path(args.server_dir)), Path(args.public_key), args.name)
+    print(f"registered site {args.name} (node {node_id}); it can now connect with its site.key")
+    return 0
 
 
 def _sites(args: argparse.Namespace) -> int:
     from server.control import list_sites
     from server.superlink import ServerFolder
 
-    return list_sites(ServerFolder(Path(args.server_dir)))
+    nodes = list_sites(ServerFolder(Path(args.server_dir)))
+    print(f"{'site':<20} {'node id':<22} {'status':<12} online since")
+    for node in nodes:
+        print(f"{node['site']:<20} {node['node-id']:<22} {node['status']:<12} {node['online-at']}")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:

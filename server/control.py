@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import re
 import shutil
 import tempfile
@@ -24,6 +25,8 @@ from server.site_names import add_site_name, read_site_names
 from server.superlink import CONNECTION, ServerFolder
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the checkout, or site-packages when installed
+
+log = logging.getLogger(__name__)
 
 
 class ControlError(FedsegError):
@@ -57,25 +60,23 @@ def _flwr_json(folder: ServerFolder, args: list[str]) -> dict[str, Any]:
     return reply
 
 
-def register_site(folder: ServerFolder, public_key: Path, name: str) -> int:
-    """Register a site's public key: only SuperNodes holding a registered key may join."""
+def register_site(folder: ServerFolder, public_key: Path, name: str) -> str:
+    """Register a site's public key: only SuperNodes holding a registered key may join. Returns
+    the node id Flower gave it."""
     _connection(folder)
     if not public_key.is_file():
         raise ControlError(f"public key {public_key} not found: the site creates it with `fedseg site-key` (site.pub)")
     node_id = str(_flwr_json(folder, ["supernode", "register", str(public_key.resolve()), CONNECTION, "--name", name])["node-id"])
     add_site_name(folder.root, node_id, name)
-    print(f"registered site {name} (node {node_id}); it can now connect with its site.key", flush=True)
-    return 0
+    return node_id
 
 
-def list_sites(folder: ServerFolder) -> int:
+def list_sites(folder: ServerFolder) -> list[dict[str, str]]:
+    """The registered sites as Flower lists them (node-id, status, online-at), each with the `site`
+    name it was registered under ("?" for a node fedseg did not register)."""
     _connection(folder)
     names = read_site_names(folder.root)
-    nodes = _flwr_json(folder, ["supernode", "list", CONNECTION])["nodes"]
-    print(f"{'site':<20} {'node id':<22} {'status':<12} online since")
-    for node in nodes:
-        print(f"{names.get(node['node-id'], '?'):<20} {node['node-id']:<22} {node['status']:<12} {node['online-at']}")
-    return 0
+    return [{**node, "site": names.get(node["node-id"], "?")} for node in _flwr_json(folder, ["supernode", "list", CONNECTION])["nodes"]]
 
 
 def _is_fedseg_manifest(path: Path) -> bool:
@@ -146,25 +147,25 @@ def start_run(folder: ServerFolder, run_config: dict[str, Any], verbose: bool = 
     with flower_app() as app:
         run_id = str(_flwr_json(folder, ["run", str(app), CONNECTION, "--run-config", str(request.resolve())])["run-id"])
     run_dir = folder.root / run_config["run-dir"]
-    print(f"run {run_id} started on {address}; run folder {run_dir}; config {request}", flush=True)
+    log.info(f"run {run_id} started on {address}; run folder {run_dir}; config {request}")
     follow = flwr(folder, ["log", run_id, CONNECTION, "--stream"], verbose, folder.root / "logs" / f"run-{stamp}.log")
     code = run_until_stopped(follow)
     status = _flwr_json(folder, ["ls", CONNECTION, "--run-id", run_id])["runs"][0]
     if not status["status"].startswith("finished"):
-        print(f"stopped following run {run_id} ({status['status']}); it goes on at the server. Follow it again or stop it with:\n"
-              f"  FLWR_HOME={folder.flwr_home} flwr log {run_id} {CONNECTION} --stream\n"
-              f"  FLWR_HOME={folder.flwr_home} flwr stop {run_id} {CONNECTION}")
+        log.warning(f"stopped following run {run_id} ({status['status']}); it goes on at the server. Follow it again or stop it with:\n"
+                    f"  FLWR_HOME={folder.flwr_home} flwr log {run_id} {CONNECTION} --stream\n"
+                    f"  FLWR_HOME={folder.flwr_home} flwr stop {run_id} {CONNECTION}")
         return code or 1
     traffic, compute = status["network-traffic"], status["compute-time"]
     details = "" if status["status-details"] in ("", "N/A") else f" ({status['status-details']})"
-    print(f"run {run_id} {status['status']}{details}: {float(status['elapsed']):.0f} s wall, "
-          f"{traffic['total-bytes'] / 1e6:.1f} MB exchanged, ClientApp compute {compute['clientapp-seconds']:.0f} s "
-          f"(all sites), ServerApp {compute['serverapp-seconds']:.0f} s", flush=True)
+    log.info(f"run {run_id} {status['status']}{details}: {float(status['elapsed']):.0f} s wall, "
+             f"{traffic['total-bytes'] / 1e6:.1f} MB exchanged, ClientApp compute {compute['clientapp-seconds']:.0f} s "
+             f"(all sites), ServerApp {compute['serverapp-seconds']:.0f} s")
     outcome = run_status(run_dir)
     if outcome:
         from server.report import write_report
 
-        print(f"report: {write_report(run_dir)}", flush=True)
+        log.info(f"report: {write_report(run_dir)}")
     if outcome != "completed":
-        print(f"the run's own record says: {outcome or 'no history.json'}" + (f"; continue it with: fedseg run {folder.root} --resume {run_config['run-dir']}" if outcome else ""))
+        log.warning(f"the run's own record says: {outcome or 'no history.json'}" + (f"; continue it with: fedseg run {folder.root} --resume {run_config['run-dir']}" if outcome else ""))
     return 0 if status["status"].endswith("completed") and outcome == "completed" else 1

@@ -87,6 +87,7 @@ def _overlays(run_dir: Path, site_dirs: Sequence[str], path: Path, per_site: int
     """Truth and prediction side by side on one patient per site, on its slices with the most
     foreground (drawn only where the data is: a simulation's researcher, or at the site itself)."""
     from common.dataset import load_site
+    from common.inference import predict_labels
 
     global_model = load_global_model(run_dir)
     names = class_names(global_model.config)
@@ -96,8 +97,7 @@ def _overlays(run_dir: Path, site_dirs: Sequence[str], path: Path, per_site: int
         if not data.validation:
             continue
         volume = data.validation[0]
-        with torch.no_grad():
-            pred = global_model.model(torch.as_tensor(volume.image)).argmax(dim=1).numpy()
+        pred = predict_labels(global_model.model, volume.image, torch.device("cpu"))
         dice = foreground_dice(class_metrics(pred, volume.mask, len(names), volume.spacing)["dice"])
         for k in most_labelled_slices(volume.mask, per_site):
             panels.append((volume.image[k, 0], volume.mask[k], f"{volume.patient_id} truth"))
@@ -117,7 +117,7 @@ def write_report(run_dir: str | Path, site_dirs: Sequence[str] = ()) -> Path:
     target = history_number(config.get("target-epsilon"))
     plots = [
         _line_plot(history, "val_dice", "validation Dice (foreground mean)", "Dice", folder / "dice.png", aggregate=True),
-        _line_plot(history, "epsilon", f"patient-level privacy spent (δ requested {config.get('delta')})", "ε", folder / "epsilon.png", target=target),
+        _line_plot(history, "epsilon", "patient-level privacy spent (each site's ε at its own policy's δ)", "ε", folder / "epsilon.png", target=target),
         _line_plot(history, "noise_multiplier", "DP-SGD noise multiplier (σ) per site", "σ", folder / "noise.png"),
         _durations(history, folder / "durations.png"),
         _participation(history, folder / "participation.png"),

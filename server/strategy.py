@@ -22,7 +22,7 @@ from common.site_reply import VALIDATE_RECEIVED, ReplyError, SiteReply, claimed_
 from server.run_record import RunRecord
 from server.update_check import CLIP_RATIO, clip_bounds, median_of_others, screen_updates
 
-log = logging.getLogger("fedseg.server")
+log = logging.getLogger(__name__)
 
 # Server-side optimiser moments of Flower's FedOpt family: what a resumed FedAdam needs back.
 STRATEGY_STATE = ("m_t", "v_t")
@@ -110,10 +110,10 @@ class FederationStrategy(Strategy):
     """Delegates the maths to a Flower strategy; around it, checks every reply against the protocol,
     screens and clips updates, caps each site's weight, records and checkpoints."""
 
-    def __init__(self, inner: Strategy, record: RunRecord, progress=print, registered: Mapping[str, str] | None = None) -> None:
+    def __init__(self, inner: Strategy, record: RunRecord, registered: Mapping[str, str] | None = None) -> None:
         """`registered`: node id → site name, as the coordinator registered the sites' keys; replies
         are named by it. Without it (a simulation) a reply's own name is used."""
-        self.inner, self.record, self.progress = inner, record, progress
+        self.inner, self.record = inner, record
         self.registered = dict(registered or {})
         record.site_nodes.update(self.registered)
         self.weight_key = str(getattr(inner, "weighted_by_key", "num-examples"))  # what Flower's averages weigh by
@@ -210,7 +210,7 @@ class FederationStrategy(Strategy):
         entry = self.record.site(server_round, name)
         if stage == "train" or entry.get("status", "ok") == "ok":  # a validation problem never hides the round's training problem
             entry.update(status=status, reason=reason)
-        self.progress(f"  round {server_round} {name}: {status.replace('_', ' ')}: {reason}")
+        log.warning(f"  round {server_round} {name}: {status.replace('_', ' ')}: {reason}")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregates the usable updates (schema-checked, screened, clipped, weight-capped), or returns
@@ -229,7 +229,7 @@ class FederationStrategy(Strategy):
                          epsilon=metric(m, "epsilon"), noise_multiplier=metric(m, "noise-multiplier"), steps=count(m, "steps"),
                          train_seconds=metric(m, "seconds"))
             if status != "ok":
-                self.progress(f"  round {server_round} {name}: did not train ({status}): {reason}")
+                log.warning(f"  round {server_round} {name}: did not train ({status}): {reason}")
                 continue
             try:
                 weights = weights_of(msg.content)
@@ -243,14 +243,14 @@ class FederationStrategy(Strategy):
         screening = screen_updates({n: m.content["arrays"] for n, m in trained.items()}, self.sent, self.max_norm_ratio)
         for name, reason in screening.rejected.items():
             self.record.site(server_round, name).update(status="rejected", reason=reason)
-            self.progress(f"  round {server_round} {name}: update rejected, left out of the average: {reason}")
+            log.warning(f"  round {server_round} {name}: update rejected, left out of the average: {reason}")
             del trained[name]
         self._clip(server_round, trained, screening.norms)
         self._weigh(server_round, trained, "weight", "examples")
         for name in trained:
             s = self.record.site(server_round, name)
-            self.progress(f"  round {server_round} {name}: trained, patient-level ε {s['epsilon']:.2f}, σ {s['noise_multiplier']:.2f}, "
-                          f"{s['examples']} patients (binned)")
+            log.info(f"  round {server_round} {name}: trained, patient-level ε {s['epsilon']:.2f}, σ {s['noise_multiplier']:.2f}, "
+                     f"{s['examples']} patients (binned)")
         if len(trained) < self.min_sites:
             return None, None
         arrays, metrics = self.inner.aggregate_train(server_round, self._harmonised(list(trained.values())))
@@ -277,14 +277,14 @@ class FederationStrategy(Strategy):
                 continue
             if entry.get("status", "ok") == "ok":  # a training problem this round stays the one recorded
                 entry.update(status=status, reason=reason)
-            self.progress(f"  round {server_round} {name}: validation left out of the average ({status}): {reason}")
+            log.warning(f"  round {server_round} {name}: validation left out of the average ({status}): {reason}")
         self._weigh(server_round, valid, "val_weight", "val_slices")
         metrics = self.inner.aggregate_evaluate(server_round, self._harmonised(list(valid.values()))) if valid else None
         dice = float(metrics["dice"]) if metrics is not None and "dice" in metrics else math.nan
         self.record.close_round(server_round, dice)
         sites = self.record.round(server_round)["sites"]
         detail = ", ".join(f"{n} {s['val_dice']:.3f}" for n, s in sorted(sites.items()) if not math.isnan(s.get("val_dice", math.nan)))
-        self.progress(f"round {server_round}: aggregated validation Dice {dice:.3f} ({detail})")
+        log.info(f"round {server_round}: aggregated validation Dice {dice:.3f} ({detail})")
         return metrics
 
     def _clip(self, server_round: int, trained: dict[str, Message], update_norms: dict[str, float]) -> None:
@@ -301,8 +301,8 @@ class FederationStrategy(Strategy):
                 k: Array(np.ascontiguousarray((self.sent[k] + factor * (a.numpy() - self.sent[k])).astype(self.sent[k].dtype)))
                 for k, a in trained[name].content["arrays"].items()})
             self.record.site(server_round, name)["clipped_to"] = bound
-            self.progress(f"  round {server_round} {name}: update norm {norms[name]:.3g} scaled down to {bound:.3g} "
-                          f"({CLIP_RATIO:g}x the median of the other sites')")
+            log.info(f"  round {server_round} {name}: update norm {norms[name]:.3g} scaled down to {bound:.3g} "
+                     f"({CLIP_RATIO:g}x the median of the other sites')")
 
     def _weigh(self, server_round: int, replies: dict[str, Message], field: str, claimed: str) -> None:
         """Sets each reply's weight (its `weight_key` metric, what Flower averages by) to its
@@ -314,8 +314,8 @@ class FederationStrategy(Strategy):
             replies[name].content["metrics"][self.weight_key] = weight
             self.record.site(server_round, name)[field] = weight
             if weight < claims[name]:
-                self.progress(f"  round {server_round} {name}: weighs {weight}, not the {claims[name]} it claims "
-                              f"(at most its first claim in the run and {WEIGHT_CAP:g}x the median of the other sites' claims)")
+                log.info(f"  round {server_round} {name}: weighs {weight}, not the {claims[name]} it claims "
+                         f"(at most its first claim in the run and {WEIGHT_CAP:g}x the median of the other sites' claims)")
 
     def _first_claim(self, server_round: int, name: str, field: str, claimed: str) -> int | None:
         """The site's claim in the earliest round before `server_round` in which it was weighed."""

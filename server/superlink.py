@@ -27,6 +27,7 @@ import tomli_w
 from common.credentials import ServerCertificates
 from common.errors import FedsegError
 from common.flower_env import flower_env
+from common.folders import Entry
 from common.processes import FlowerProcess, flower_executable, free_port, port_open, wait_for_port
 from server.edge import allowed_networks, find_nginx, start_edge
 
@@ -42,27 +43,17 @@ class ServerStartError(FedsegError, RuntimeError):
 @dataclass(frozen=True)
 class ServerFolder:
     root: Path
-
-    @property
-    def certs(self) -> ServerCertificates:
-        return ServerCertificates(self.root / "certs")
-
-    @property
-    def flwr_home(self) -> Path:
-        return self.root / ".flwr"
-
-    @property
-    def connection_file(self) -> Path:
-        return self.flwr_home / "config.toml"
-
-    @property
-    def log_file(self) -> Path:
-        return self.root / "logs" / "superlink.log"
+    certs = Entry("certs", kind=ServerCertificates)
+    flwr_home = Entry(".flwr")
+    connection_file = Entry(".flwr", "config.toml")
+    state_db = Entry("state.db")
+    log_file = Entry("logs", "superlink.log")
+    lock_file = Entry(".lock")
+    spool_record = Entry("edge", "spool")
 
     def env(self) -> dict[str, str]:
-        env = flower_env(self.flwr_home)
-        env["FLWR_HOME"] = str(self.flwr_home.resolve())  # the server's own, whatever the caller's shell says
-        return env
+        # FLWR_HOME: the server's own, whatever the caller's shell says
+        return {**flower_env(self.flwr_home), "FLWR_HOME": str(self.flwr_home.resolve())}
 
 
 def local_address(host: str, port: int) -> str:
@@ -86,7 +77,7 @@ def write_connection(folder: ServerFolder, port: int, insecure: bool) -> None:
 
 
 def superlink_command(folder: ServerFolder, port: int, insecure: bool) -> list[str]:
-    command = [flower_executable("flower-superlink"), "--database", str((folder.root / "state.db").resolve()),
+    command = [flower_executable("flower-superlink"), "--database", str(folder.state_db.resolve()),
                "--host", LOOPBACK, "--port", str(port), "--disable-runtime-dependency-installation"]
     if insecure:
         return command + ["--insecure"]
@@ -114,7 +105,7 @@ class Server:
 def _lock(folder: ServerFolder) -> IO[bytes]:
     """One server per folder: two SuperLinks on one state.db would each hand out the other's runs."""
     folder.root.mkdir(parents=True, exist_ok=True)
-    handle = (folder.root / ".lock").open("ab")
+    handle = folder.lock_file.open("ab")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -126,7 +117,7 @@ def _lock(folder: ServerFolder) -> IO[bytes]:
 def _new_spool(folder: ServerFolder) -> Path:
     """A fresh spool folder for the edge, named in SERVER_DIR/edge/spool; the one a killed server
     left behind (named there too) is removed first, so crashes do not pile folders up in /tmp."""
-    record = folder.root / "edge" / "spool"
+    record = folder.spool_record
     if record.is_file():
         old = Path(record.read_text().strip())
         if old.parent == Path(tempfile.gettempdir()) and old.name.startswith(SPOOL_PREFIX):

@@ -10,6 +10,7 @@ local-epochs` epochs over its own slices in every setting, the pool the same epo
 from __future__ import annotations
 
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -30,6 +31,8 @@ from common.config import class_names
 from common.dataset import SiteData, load_site
 from common.processes import descendants
 from server.run_record import RunHistory, cell, history_number
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -324,7 +327,7 @@ def deployment_overhead(plan: Plan, out: Path, site_dirs: list[str]) -> dict[str
                 proc.kill()
 
 
-def run_deployment_bench(plan_name: str, out: Path, cache: Path, repeats: int = 3, progress=print) -> dict[str, Any]:
+def run_deployment_bench(plan_name: str, out: Path, cache: Path, repeats: int = 3) -> dict[str, Any]:
     """Only the plan's deployment row, `repeats` times (a fresh server and fresh sites each time):
     round wall time ÷ the slowest site's compute, with its spread."""
     from simulations.federation import build_federation
@@ -332,10 +335,10 @@ def run_deployment_bench(plan_name: str, out: Path, cache: Path, repeats: int = 
 
     plan = PLANS[plan_name]
     out.mkdir(parents=True, exist_ok=True)
-    sites = site_folders(build_federation(cache, plan.sites, plan.seed, plan.size, progress=progress))
+    sites = site_folders(build_federation(cache, plan.sites, plan.seed, plan.size))
     runs = []
     for repeat in range(repeats):
-        progress(f"deployment run {repeat + 1} of {repeats}: real server and site processes ...")
+        log.info(f"deployment run {repeat + 1} of {repeats}: real server and site processes ...")
         runs.append(deployment_overhead(plan, out / f"run-{repeat + 1}", sites))
     ratios = [x["ratio"] for run in runs for x in run["rounds"]]
     results = {"plan": plan_name, **asdict(plan), "date": time.strftime("%Y-%m-%d"), "command": "fedseg bench --deployment-only",
@@ -349,7 +352,7 @@ def run_deployment_bench(plan_name: str, out: Path, cache: Path, repeats: int = 
     return results
 
 
-def run_bench(plan_name: str, out: Path, cache: Path, deployment: bool, progress=print) -> dict[str, Any]:
+def run_bench(plan_name: str, out: Path, cache: Path, deployment: bool) -> dict[str, Any]:
     """Every benchmark of the plan; results.json, table.md and plots in `out`."""
     from simulations.federation import build_federation
     from common.site_files import site_folders
@@ -357,44 +360,44 @@ def run_bench(plan_name: str, out: Path, cache: Path, deployment: bool, progress
     plan = PLANS[plan_name]
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
-    sites = site_folders(build_federation(cache, plan.sites, plan.seed, plan.size, progress=progress))
+    sites = site_folders(build_federation(cache, plan.sites, plan.seed, plan.size))
     results: dict[str, Any] = {"plan": plan_name, **asdict(plan), "date": time.strftime("%Y-%m-%d"),
                                "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
                                "command": f"fedseg bench{' --quick' if plan_name == 'quick' else ''}", "federated": {}, "dp": {}}
     for strategy in FEDERATED:
-        progress(f"federated {strategy}, no DP ...")
+        log.info(f"federated {strategy}, no DP ...")
         run = simulate(plan, f"{strategy}-nodp", out, cache, "--strategy", strategy, "--epsilon", "inf")
         results["federated"][strategy] = {**_summary(_final_sites(run["history"])), "wall_s": run["wall_s"], "peak_mb": run["peak_mb"],
                                           "dice_by_round": run["history"].dice_series()}
         if strategy == "fedavg":
             baseline = run
     for epsilon in plan.epsilons:
-        progress(f"fedavg with DP, ε = {epsilon:g} ...")
+        log.info(f"fedavg with DP, ε = {epsilon:g} ...")
         run = simulate(plan, f"fedavg-dp-eps{epsilon:g}", out, cache, "--epsilon", str(epsilon))
         results["dp"][f"{epsilon:g}"] = {**_summary(_final_sites(run["history"])), "wall_s": run["wall_s"],
                                          "epsilon_spent": max(history_number(s.get("epsilon")) for s in _last_validated(run["history"]).values()),
                                          "dice_by_round": run["history"].dice_series()}
-    progress("pooled and local-only baselines ...")
+    log.info("pooled and local-only baselines ...")
     results.update(centralised(plan, sites))
-    progress("DP-SGD vs SGD: one epoch each, fresh processes ...")
+    log.info("DP-SGD vs SGD: one epoch each, fresh processes ...")
     results["dp_cost"] = dp_cost(plan, sites[0])
     results["round_overhead_simulation"] = round_overhead(baseline["history"])
     results["communication"] = {**communication(baseline["history"]), "parameters": parameter_count()}
     if deployment:
-        progress("the same rounds with real server and site processes ...")
+        log.info("the same rounds with real server and site processes ...")
         results["round_overhead_deployment"] = deployment_overhead(plan, out, sites)
     results["scale"] = {}
     for count in plan.scale:
-        progress(f"{count} simulated sites ...")
+        log.info(f"{count} simulated sites ...")
         same_as_baseline = (count, "tiny", plan.cost_rounds, plan.image_size, plan.batch_size) == (plan.sites, plan.size, plan.rounds, 32, 8)
         run = baseline if same_as_baseline else simulate(plan, f"scale-{count}", out, cache, "--epsilon", "inf", "--rounds",
                                                          str(plan.cost_rounds), "--image-size", "32", "--batch-size", "8",
                                                          sites=count, size="tiny")
         durations = [seconds for number, seconds in run["history"].durations().items() if number > 0]
         results["scale"][str(count)] = {"round_s": _mean(durations), "peak_mb": run["peak_mb"], "wall_s": run["wall_s"]}
-    progress("a federation from a real scan (MNI152 template, nilearn) ...")
-    results["real"] = real_images(plan, out, cache, progress)
-    progress("inference speed ...")
+    log.info("a federation from a real scan (MNI152 template, nilearn) ...")
+    results["real"] = real_images(plan, out, cache)
+    log.info("inference speed ...")
     results["inference_256"] = inference_speed()
     results["targets"] = targets(results)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
@@ -403,11 +406,11 @@ def run_bench(plan_name: str, out: Path, cache: Path, deployment: bool, progress
     return results
 
 
-def real_images(plan: Plan, out: Path, cache: Path, progress=print) -> dict[str, Any]:
+def real_images(plan: Plan, out: Path, cache: Path) -> dict[str, Any]:
     """FedAvg with and without DP on the MNI152 federation (grey and white matter), same settings."""
     from simulations.brain import CLASS_NAMES, build_brain_federation
 
-    root = build_brain_federation(cache, plan.sites, plan.seed, plan.size, progress=progress)
+    root = build_brain_federation(cache, plan.sites, plan.seed, plan.size)
     classes = ",".join(CLASS_NAMES[1:])
     result = {"source": "MNI152 ICBM 2009a T1 + grey/white-matter maps from nilearn, as MR DICOM + DICOM-SEG per site",
               "classes": classes}
@@ -482,7 +485,7 @@ def table(results: dict[str, Any]) -> str:
                  + (f", GPU {inf['cuda_slices_per_s']:.0f} slices/s" if "cuda_slices_per_s" in inf else "") + " |")
     lines += ["", "| target | where we are |", "|---|---|",
               f"| federated Dice ≥ 0.99 × pooled | {t['federated_over_pooled']:.3f} × pooled |",
-              f"| every site's federated Dice ≥ its local-only Dice | "
+              "| every site's federated Dice ≥ its local-only Dice | "
               + ", ".join(f"{s}: {'yes' if ok else 'no'}" for s, ok in t["sites_not_worse_than_local"].items()) + " |",
               f"| DP at ε = 8 ≥ 0.95 × non-DP | {cell(t['dp8_over_nodp'])} × non-DP |"]
     return "\n".join(lines) + "\n"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -16,12 +17,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pydicom
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import generate_uid
 from scipy.ndimage import map_coordinates
 
 from common.seg_writer import write_seg
+from simulations.mr_slice import mr_slice
+
+log = logging.getLogger(__name__)
 
 BRAIN_VERSION = 1
 CLASS_NAMES = ("background", "grey-matter", "white-matter")
@@ -96,31 +98,17 @@ def write_patient(profile: MRProfile, index: int, slices: int, out: Path, seed: 
     folder.mkdir(parents=True)
     datasets = []
     for k in range(slices):
-        ds = pydicom.Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[uids["series"], str(k)])
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = f"Template^{patient}", patient, "19700101", "O"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = uids["study"], uids["series"], uids["frame"]
-        ds.StudyID, ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "20260101", "120000", "", ""
-        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "MR", 3, k + 1
-        ds.Manufacturer, ds.ManufacturerModelName, ds.PositionReferenceIndicator = f"Template {profile.site}", "MNI152 2009a", ""
-        ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = "GR", "SP", "", "3D"
-        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ds.ImagePositionPatient = [-half, -half, float(zs[k])]
-        ds.PixelSpacing, ds.SliceThickness = [spacing, spacing], thick
-        ds.Rows = ds.Columns = n
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.PixelData = stored[k].tobytes()
+        ds = mr_slice(stored[k], patient, uids, generate_uid(entropy_srcs=[uids["series"], str(k)]), k + 1,
+                      orientation=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0], position=[-half, -half, float(zs[k])], spacing=(thick, spacing, spacing),
+                      PatientName=f"Template^{patient}", SeriesNumber=3, Manufacturer=f"Template {profile.site}",
+                      ManufacturerModelName="MNI152 2009a", ScanningSequence="GR", SequenceVariant="SP", ScanOptions="",
+                      MRAcquisitionType="3D", ImageType=["DERIVED", "SECONDARY", "AXIAL"])
         ds.save_as(folder / f"IM{k + 1:04d}.dcm", enforce_file_format=True)
         datasets.append(ds)
     write_seg(datasets, labels, CLASS_NAMES, out / patient / "SEG" / "tissues.dcm", uid_entropy=[str(seed), patient, "seg"])
 
 
-def build_brain_federation(cache_root: str | Path, num_sites: int = 3, seed: int = 0, size: str = "default", progress=print) -> Path:
+def build_brain_federation(cache_root: str | Path, num_sites: int = 3, seed: int = 0, size: str = "default") -> Path:
     """The federation's root folder (one subfolder per site), generated once and cached."""
     root = Path(cache_root) / f"brain-v{BRAIN_VERSION}-{size}-{num_sites}sites-seed{seed}"
     if (root / "federation.json").is_file():
@@ -133,8 +121,8 @@ def build_brain_federation(cache_root: str | Path, num_sites: int = 3, seed: int
     try:
         sites = profiles(num_sites, seed)
         for profile in sites:
-            progress(f"generating {profile.site} from the MNI152 template: {patients} patients, {profile.matrix}x{profile.matrix}x{slices} "
-                     f"@ {profile.pixel_spacing:.2f}x{profile.slice_thickness} mm")
+            log.info("generating %s from the MNI152 template: %d patients, %dx%dx%d @ %.2fx%s mm", profile.site, patients,
+                     profile.matrix, profile.matrix, slices, profile.pixel_spacing, profile.slice_thickness)
             for index in range(patients):
                 write_patient(profile, index, slices, tmp / profile.site, seed, template)
         (tmp / "federation.json").write_text(json.dumps({"source": "MNI152 ICBM 2009a (nilearn)", "version": BRAIN_VERSION,

@@ -1,18 +1,19 @@
 """Faulty sites for simulations: what a federation must survive (a site that crashes, sends NaN or
-wrong-shaped weights, or an update 100x too large), injected as a Flower ClientApp mod so the honest
-site code stays untouched. Researchers use it to try the server's defences; the tests use it too."""
+wrong-shaped weights, or an update 100x too large), injected on the site's side of its guard socket
+(a wrapper around that site's guard), so neither the honest site code nor the app bundle carries any
+of it. Researchers use it to try the server's defences; the tests use it too."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
-from flwr.app import Context, Message, MessageType
 
-from common.site_reply import weights_content, weights_of
+from client.guard_socket import Handler
+from common.array_codec import Arrays
 
 FAULTS = ("crash", "nan", "shape", "scale")
-Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
 
 
 def parse_faults(specs: Sequence[str]) -> dict[int, list[str]]:
@@ -27,7 +28,7 @@ def parse_faults(specs: Sequence[str]) -> dict[int, list[str]]:
     return faults
 
 
-def _corrupt(kind: str, sent: dict[str, np.ndarray], trained: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _corrupt(kind: str, sent: Arrays, trained: Arrays) -> dict[str, np.ndarray]:
     state = dict(trained)
     first = next(iter(state))
     if kind == "nan":
@@ -39,17 +40,21 @@ def _corrupt(kind: str, sent: dict[str, np.ndarray], trained: dict[str, np.ndarr
     return state
 
 
-def fault_mod(faults: dict[int, list[str]]) -> Mod:
-    """A ClientApp mod making the listed sites' training replies faulty, one kind per round in turn."""
-    def mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
-        kinds = faults.get(int(context.node_config["partition-id"]))
-        if not kinds or msg.metadata.message_type != MessageType.TRAIN:
-            return call_next(msg, context)
-        kind = kinds[(int(msg.content["config"]["server-round"]) - 1) % len(kinds)]
+class FaultyGuard:
+    """A site's guard whose training answers go wrong, one kind per round in turn. "crash" answers
+    what a guard whose training raised answers (an error code, nothing trained)."""
+
+    def __init__(self, guard: Handler, site: str, kinds: Sequence[str]) -> None:
+        self.guard, self.site, self.kinds = guard, site, list(kinds)
+
+    def handle(self, header: Mapping[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
+        server_round = header.get("round")
+        if header.get("op") != "train" or type(server_round) is not int or server_round < 1:
+            return self.guard.handle(header, arrays)
+        kind = self.kinds[(server_round - 1) % len(self.kinds)]
         if kind == "crash":
-            raise RuntimeError("injected fault: the site crashed during training")
-        reply = call_next(msg, context)
-        if not reply.has_error() and "arrays" in reply.content.array_records:
-            weights_content(reply.content, _corrupt(kind, weights_of(msg.content), weights_of(reply.content)))
-        return reply
-    return mod
+            return {"status": "error", "code": "internal_error", "site": self.site, "metrics": {}}, {}
+        reply, out = self.guard.handle(header, arrays)
+        if reply.get("status") == "ok" and out:
+            out = _corrupt(kind, arrays, out)
+        return reply, out

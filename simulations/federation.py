@@ -8,6 +8,7 @@ Generation is seeded and cached: the same arguments always give the same files, 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +22,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from common.seg_writer import write_seg
 from simulations.phantom import random_anatomy, render
+
+log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 4
 CLASS_NAMES = ("background", "organ", "lesion")
@@ -163,7 +166,7 @@ def federation_dir(cache_root: Path, num_sites: int, seed: int, size: str) -> Pa
     return cache_root / f"federation-v{GENERATOR_VERSION}-{size}-{num_sites}sites-seed{seed}"
 
 
-def build_federation(cache_root: str | Path, num_sites: int = 3, seed: int = 0, size: str = "default", progress=print) -> Path:
+def build_federation(cache_root: str | Path, num_sites: int = 3, seed: int = 0, size: str = "default") -> Path:
     """The federation's root folder (one subfolder per site), generating it on first use."""
     root = federation_dir(Path(cache_root), num_sites, seed, size)
     if (root / "federation.json").is_file():
@@ -173,7 +176,7 @@ def build_federation(cache_root: str | Path, num_sites: int = 3, seed: int = 0, 
     try:
         profiles = site_profiles(num_sites, seed, size)
         for profile in profiles:
-            progress(f"generating {profile.site}: {profile.patients} patients, {profile.matrix}x{profile.matrix}x{profile.slices} "
+            log.info(f"generating {profile.site}: {profile.patients} patients, {profile.matrix}x{profile.matrix}x{profile.slices} "
                      f"@ {profile.pixel_spacing:.2f}x{profile.slice_thickness} mm, noise {profile.noise_hu} HU, lesion prevalence {profile.lesion_prevalence}")
             for index in range(profile.patients):
                 write_patient(profile, index, tmp / profile.site, seed)

@@ -1,21 +1,28 @@
-"""`fedseg simulate`: N hospital sites and the aggregation server in one process, on Flower's
-simulation engine (Ray), with the same ServerApp and ClientApp code a deployment runs."""
+"""`fedseg simulate`: N hospital sites and the aggregation server on one machine, through Flower's
+supported route: a local SuperLink in simulation mode, and `flwr run` of the same app (pyproject's
+`server.server_app:app` and `client.client_app:app`) a deployment runs.
+
+Flower loads the apps by name in its own processes, so nothing of ours can be handed to them: each
+site's guard is served on a Unix socket from a process of its own, as a deployed site serves it
+(`simulations.site_guards`), and the couriers find their socket by partition-id."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import shutil
 import time
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
+import tomli_w
 
 from client.guard import SiteGuard, budget_line, open_guard
 from client.site_state import SiteState
 from common.errors import FedsegError
-from common.flower_env import flower_env
+
+log = logging.getLogger(__name__)
 
 
 class SimulationError(FedsegError):
@@ -27,70 +34,73 @@ def site_policy_for(overrides: dict[str, Any], epsilon_budget: float) -> dict[st
     private = math.isfinite(float(overrides["target-epsilon"])) or float(overrides["noise-multiplier"]) > 0
     return {"epsilon_budget": epsilon_budget, "delta": float(overrides["delta"]), "min_noise_multiplier": 0.0,
             "allow_non_private": not private, "max_rounds_per_run": max(100, int(overrides["num-server-rounds"])),
+            "validations_per_day": 10_000,  # a researcher's repeated runs on the same sites: every round validates
             "classes": tuple(c.strip() for c in str(overrides["classes"]).split(",") if c.strip())}
 
 
 def prepare_sites(sites: list[str], state_root: Path, policy: dict[str, Any]) -> list[SiteGuard]:
-    """Each site's policy and ledger, opened (or created on first use) before the engine starts."""
+    """Each site's policy and ledger, opened (or created on first use) before anything starts."""
     guards = []
     for folder in sites:
         name = Path(folder).name
         guard, created = open_guard(SiteState(state_root / name), name, folder, policy)
-        print(f"{name}: {'new ' if created else ''}{budget_line(guard)}")
+        log.info("%s: %s%s", name, "new " if created else "", budget_line(guard))
         guards.append(guard)
     return guards
 
 
-def simulated_guards(sites: list[str], state_root: Path) -> Callable[[Mapping[str, Any]], SiteGuard]:
-    """Each virtual SuperNode's guard, in-process (same class a deployed site serves on its socket),
-    opened once per engine worker."""
-    opened: dict[int, SiteGuard] = {}
-
-    def guard_for(node_config: Mapping[str, Any]) -> SiteGuard:
-        index = int(node_config["partition-id"])
-        if index not in opened:
-            name = Path(sites[index]).name
-            opened[index], _ = open_guard(SiteState(state_root / name), name, sites[index])
-        return opened[index]
-    return guard_for
+def federation_config(num_sites: int) -> str:
+    """Flower's simulation settings: one virtual SuperNode per site, all running at once. Their
+    couriers only relay (the guards train, each in its own process, on the GPU when there is one)."""
+    return (f"num-supernodes={num_sites} client-resources-num-cpus=1 client-resources-num-gpus=0 "
+            f"init-args-num-cpus={num_sites} init-args-num-gpus=0")
 
 
 def run_simulation(sites: list[str], run_dir: Path, overrides: dict[str, Any], state_root: Path,
-                   faults: dict[int, list[str]] | None = None, cpus_per_site: float = 1.0) -> Path:
+                   faults: dict[int, list[str]] | None = None) -> Path:
     """Train over `sites` (site folders, each with its guard state under `state_root`) and leave
-    checkpoints, history and summary in `run_dir`."""
-    # Deprecated in flwr 1.41 (it logs a warning), but the only public way to run these app *objects*: the
-    # replacement, `flwr run` against a SuperLink in simulation mode, installs a FAB in a `flwr-simulation`
-    # process and loads the apps there by name (pyproject's components), so the in-process guards and the
-    # fault mods built below could not be passed in.
-    from flwr.simulation import run_simulation as flower_run_simulation
-
-    from client.client_app import build_client_app
+    checkpoints, history and summary in `run_dir`; Flower's state and logs go to RUN_DIR/simulation."""
+    from client.client_app import SIMULATED_SOCKETS
+    from common.processes import FlowerProcess, free_port, run_until_stopped, wait_for_port
+    from server.control import flower_app, flwr
     from server.report import write_report
     from server.run_record import run_status
-    from simulations.faults import fault_mod
-    from server.server_app import build_server_app
+    from server.superlink import CONNECTION, LOOPBACK, ServerFolder, superlink_command, write_connection
+    from simulations.site_guards import serve_guards
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.update(flower_env(run_dir / ".flwr"))  # Flower's state inside the run folder
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    gpus = 1.0 / len(sites) if torch.cuda.is_available() else 0.0
-    backend = {"client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus},
-               "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
+    if not sites:
+        raise SimulationError("no sites to simulate")
+    run_dir = run_dir.resolve()  # the ServerApp runs elsewhere: it gets an absolute run folder
+    folder = ServerFolder(run_dir / "simulation")
+    shutil.rmtree(folder.root, ignore_errors=True)  # a fresh SuperLink: never one that would relaunch an interrupted run
+    request = folder.root / "run-config.toml"
+    request.parent.mkdir(parents=True)
+    request.write_text(tomli_w.dumps({**{k: v for k, v in overrides.items() if v != ""}, "run-dir": str(run_dir)}))
+    port = free_port(LOOPBACK)
+    write_connection(folder, port, insecure=True)
+    threads = max(1, (os.cpu_count() or 1) // len(sites))  # the sites train at once, as Ray ran them
     started = time.time()
-    flower_run_simulation(
-        server_app=build_server_app({**overrides, "run-dir": str(run_dir)}, server_folder=None),
-        client_app=build_client_app(simulated_guards(sites, state_root), [fault_mod(faults)] if faults else None),
-        num_supernodes=len(sites),
-        backend_config=backend,
-    )
+    with serve_guards(sites, state_root, faults or {}, threads, folder.root / "logs") as guards:
+        env = {**folder.env(), SIMULATED_SOCKETS: os.pathsep.join(guards.sockets), "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+        superlink = FlowerProcess([*superlink_command(folder, port, insecure=True), "--simulation"], env, folder.root,
+                                  folder.log_file, console=False)
+        try:
+            if not wait_for_port(superlink, LOOPBACK, port):
+                raise SimulationError(f"the local SuperLink did not start (see {folder.log_file}):\n{superlink.output_tail(8)}")
+            guards.wait_ready()  # started alongside the SuperLink
+            with flower_app() as app:
+                run = flwr(folder, ["run", str(app), CONNECTION, "--run-config", str(request), "--federation-config",
+                                    federation_config(len(sites)), "--stream"], log_file=folder.root / "logs" / "run.log")
+                run_until_stopped(run)  # follows the run's log to its end, then stops every process still below us
+        finally:
+            superlink.stop()
     status = run_status(run_dir)
     if status:
-        print(f"report: {write_report(run_dir, sites)}")
+        log.info("report: %s", write_report(run_dir, sites))
     if status != "completed":
-        raise SimulationError(f"the simulation did not complete (run status: {status or 'no history.json'}); see the log above"
-                              + (f"; continue it with --resume {run_dir}" if status else ""))
-    print(f"simulation finished in {time.time() - started:.0f} s")
+        raise SimulationError(f"the simulation did not complete (run status: {status or 'no history.json'}); see the log above "
+                              f"and {folder.log_file}" + (f"; continue it with --resume {run_dir}" if status else ""))
+    log.info("simulation finished in %.0f s", time.time() - started)
     return run_dir
 
 
@@ -99,4 +109,3 @@ def budget_for(epsilon: float, explicit: float | None) -> float:
     if explicit is not None:
         return explicit
     return epsilon if math.isfinite(epsilon) else math.inf
-

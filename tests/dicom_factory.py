@@ -9,9 +9,10 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pydicom
-from pydicom.dataset import FileMetaDataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import ImplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+
+from simulations.mr_slice import mr_slice
 
 
 def write_series(folder: Path, volume: np.ndarray, *, patient: str = "P1", spacing=(4.0, 1.5, 1.5),
@@ -26,30 +27,17 @@ def write_series(folder: Path, volume: np.ndarray, *, patient: str = "P1", spaci
     t = np.deg2rad(tilt_deg)
     row_dir, col_dir = np.array([1.0, 0.0, 0.0]), np.array([0.0, np.cos(t), np.sin(t)])
     normal = np.cross(row_dir, col_dir)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    uids = {k: generate_uid() for k in ("study", "series", "frame")}
     n = len(volume)
     names = rng.permutation(n) + 1
     numbers = rng.permutation(n) + 1
     datasets = []
     for k in range(n):
-        ds = pydicom.Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = patient, f"Test^{patient}", "", "F"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.StudyID, ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "20250101", "0900", "", ""
-        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, 7, int(numbers[k])
-        ds.Manufacturer, ds.PositionReferenceIndicator = "OtherVendor", ""
-        ds.ImageOrientationPatient = list(np.concatenate([row_dir, col_dir]))
-        ds.ImagePositionPatient = list(np.array([-20.0, -30.0, 5.0]) + k * spacing[0] * normal)
-        ds.PixelSpacing, ds.SliceThickness = [spacing[1], spacing[2]], spacing[0]
-        ds.Rows, ds.Columns = volume.shape[1:]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-        ds.PixelData = np.rint((volume[k] - intercept) / slope).astype(np.uint16).tobytes()
+        ds = mr_slice(np.rint((volume[k] - intercept) / slope), patient, uids, generate_uid(), int(numbers[k]),
+                      orientation=np.concatenate([row_dir, col_dir]), position=np.array([-20.0, -30.0, 5.0]) + k * spacing[0] * normal,
+                      spacing=spacing, transfer_syntax=ImplicitVRLittleEndian, PatientName=f"Test^{patient}", Modality=modality,
+                      SeriesNumber=7, Manufacturer="OtherVendor", PhotometricInterpretation=photometric,
+                      RescaleSlope=slope, RescaleIntercept=intercept)
         datasets.append(ds)
     for k in (range(n - 1, -1, -1) if descending else range(n)):
         on_disk = datasets[k]

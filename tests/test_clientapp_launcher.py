@@ -17,6 +17,7 @@ def _run(*command: str) -> subprocess.CompletedProcess:
     return subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # real processes: Flower's command, four times
 def test_launcher_is_flowers_command_without_the_supernode(tmp_path):
     launcher = write_launcher(tmp_path)
     ours, stock = _run(str(launcher)), _run(str(STOCK))

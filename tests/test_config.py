@@ -1,4 +1,6 @@
+import argparse
 import ast
+import math
 import subprocess
 import sys
 import tomllib
@@ -7,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import RUN_DEFAULTS, class_names, run_config
+from common.config import RUN_DEFAULTS, SITE_KEYS, TrainSettings, class_names, run_config
+from server.run_options import add_run_options, run_overrides
 
 
 def test_pyproject_run_config_mirrors_defaults():
@@ -21,6 +24,37 @@ def test_unknown_keys_and_strategies_are_rejected():
     with pytest.raises(ValueError, match="strategy"):
         run_config({"strategy": "fedsgd"})
     assert run_config({"num-server-rounds": "4"})["num-server-rounds"] == 4
+    assert run_config({"resume": "false"})["resume"] is False and run_config({"round-timeout": 5})["round-timeout"] == 5.0
+    with pytest.raises(ValueError, match="resume"):
+        run_config({"resume": "no"})
+
+
+def _parsed(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_run_options(parser)
+    return parser.parse_args(argv)
+
+
+def test_the_flags_set_their_keys_and_unset_flags_give_the_defaults():
+    defaults = run_overrides(_parsed(), None)
+    assert defaults == {k: RUN_DEFAULTS[k] for k in defaults} and {"num-server-rounds", "target-epsilon", "min-sites"} <= set(defaults)
+    config = run_overrides(_parsed("--rounds", "3", "--epsilon", "inf", "--strategy", "krum", "--byzantine-sites", "1",
+                                   "--classes", "liver", "--round-timeout", "60"), 5)
+    assert config["num-server-rounds"] == 3 and math.isinf(config["target-epsilon"]) and config["strategy"] == "krum"
+    assert config["byzantine-sites"] == 1 and config["classes"] == "liver" and config["round-timeout"] == 60.0
+    assert config["min-sites"] == 5
+    with pytest.raises(SystemExit):
+        _parsed("--strategy", "fedsgd")
+
+
+def test_a_site_trains_from_what_it_is_sent():
+    sent = {k: run_config({"num-server-rounds": 7, "learning-rate": 0.2})[k] for k in SITE_KEYS}
+    settings = TrainSettings.from_config({**sent, "server-round": "3"})
+    assert (settings.server_round, settings.num_rounds, settings.learning_rate) == (3, 7, 0.2)
+    assert settings.proximal_mu == 0.0  # not sent unless the strategy is FedProx, which sends it itself
+    assert TrainSettings.from_config({**sent, "server-round": 3, "proximal-mu": "0.5"}).proximal_mu == 0.5
+    with pytest.raises(TypeError):
+        TrainSettings.from_config({k: v for k, v in sent.items() if k != "batch-size"} | {"server-round": 3})
 
 
 def test_class_names_put_background_first():
@@ -45,6 +79,7 @@ def _project_imports(module: str) -> set[str]:
     return seen
 
 
+@pytest.mark.slow  # real processes: `flwr build`
 def test_the_app_bundle_carries_the_apps_and_what_they_import_and_nothing_else(tmp_path):
     """What `flwr run` ships to every site is code those sites run: no operator tools (CLI, certificates,
     process control, reports), which would run nowhere but could be read or swapped."""

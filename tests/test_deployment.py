@@ -2,7 +2,8 @@
 two `fedseg site` guards with their SuperNodes and courier SuperExecs, `fedseg run`; the sites that
 must be turned away; a hospital that dies mid-round and a server that crashes mid-run and is resumed;
 then a hostile app bundle shipped to the surviving site. Every process is started here and stopped
-here, by pid, and the suite checks none is left behind."""
+here, by pid, and the suite checks none is left behind. The refusals at start need no daemon: they
+run in the fast lane, in this process."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomli_w
 import torch
 
 from client.isolation import ensure_user, let_courier_run_python
@@ -25,12 +28,12 @@ from common.flower_env import flower_env
 from common.model import build_model
 from common.parameters import model_arrays
 from common.processes import descendants, free_port, port_open
-from server.superlink import ServerFolder
+from server import control
+from server.superlink import ServerFolder, write_connection
 from tests.commands import Background, require_nginx
 from tests.commands import fedseg as _fedseg
 
 REPO = Path(__file__).parents[1]
-pytestmark = pytest.mark.slow  # real processes: not in the fast lane
 HOSPITALS = ("hospital-a", "hospital-b")
 # The address the sites dial: not 127.0.0.1, where the SuperLink itself listens (only nginx answers here).
 PUBLIC = "127.0.0.2"
@@ -42,13 +45,14 @@ def federation(tmp_path_factory):
     require_nginx()
     root = tmp_path_factory.mktemp("deploy")
     port = free_port()
-    assert _fedseg("demo-data", "demo", "--sites", "2", "--size", "tiny", cwd=root).returncode == 0
+    # Budget 60 against a run target of 30: room for a round lost in the server crash and run again.
+    setup = [("demo-data", "demo", "--sites", "2", "--size", "tiny"),
+             ("certs", "coordinator", "--hostname", "fedseg.test", "--hostname", PUBLIC),
+             *[("site-init", site, "--epsilon-budget", "60", "--min-noise-multiplier", "0.1") for site in (*HOSPITALS, "site-unregistered")]]
+    with ThreadPoolExecutor(len(setup)) as pool:  # independent of each other: their start-ups overlap
+        for made in pool.map(lambda args: _fedseg(*args, cwd=root), setup):
+            assert made.returncode == 0, f"{made.args}: {made.stdout}{made.stderr}"
     data = root / "demo" / "federation-v4-tiny-2sites-seed0"
-    assert _fedseg("certs", "coordinator", "--hostname", "fedseg.test", "--hostname", PUBLIC, cwd=root).returncode == 0
-    for site in (*HOSPITALS, "site-unregistered"):
-        # Budget 60 against a run target of 30: room for a round lost in the server crash and run again.
-        made = _fedseg("site-init", site, "--epsilon-budget", "60", "--min-noise-multiplier", "0.1", cwd=root)
-        assert made.returncode == 0, made.stdout + made.stderr
     if os.geteuid() == 0:  # sites then run their courier as an unprivileged user, who must be able to run this Python
         ensure_user()
         let_courier_run_python()
@@ -91,30 +95,40 @@ def _online(root: Path) -> set[str]:
 
 
 def _intruders_are_refused(root: Path, port: int, data: Path, tmp_path: Path) -> None:
-    """While a run is in progress: a site whose key was never registered is refused ..."""
-    refused = _fedseg("site", "site-unregistered", "--data", str(data), "--server",
-                      f"{PUBLIC}:{port}", "--ca-cert", "coordinator/certs/ca.crt", cwd=root, timeout=180)
-    assert refused.returncode != 0 and "is not registered" in refused.stderr, refused.stdout + refused.stderr
-    # ... a site holding some other CA's certificate stops before connecting ...
-    assert _fedseg("certs", str(tmp_path / "other"), cwd=root).returncode == 0
-    wrong_ca = _fedseg("site", "hospital-a", "--data", str(data), "--server", f"{PUBLIC}:{port}",
-                       "--ca-cert", str(tmp_path / "other" / "certs" / "ca.crt"), cwd=root, timeout=180)
-    assert wrong_ca.returncode != 0 and "vouches for" in wrong_ca.stderr, wrong_ca.stdout + wrong_ca.stderr
-    # ... and a bare SuperNode without the federation's CA cannot complete the TLS handshake.
-    bare_log = tmp_path / "bare.out"
-    bare = subprocess.Popen([str(Path(sys.executable).parent / "flower-supernode"), "--superlink", f"{PUBLIC}:{port}",
-                             "--auth-supernode-private-key", "hospital-a/site.key", "--max-retries", "1", "--port", str(free_port())],
-                            cwd=root, stdout=bare_log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, env=flower_env(tmp_path / "bare"))
-    try:
-        assert bare.wait(timeout=120) != 0 and "CERTIFICATE_VERIFY_FAILED" in bare_log.read_text()
-    finally:
+    """While a run is in progress, at once (each waits on its own refusal): a site whose key was never
+    registered is refused; a site holding some other CA's certificate stops before connecting; a bare
+    SuperNode without the federation's CA cannot complete the TLS handshake."""
+    def unregistered() -> None:
+        refused = _fedseg("site", "site-unregistered", "--data", str(data), "--server",
+                          f"{PUBLIC}:{port}", "--ca-cert", "coordinator/certs/ca.crt", cwd=root, timeout=180)
+        assert refused.returncode != 0 and "is not registered" in refused.stderr, refused.stdout + refused.stderr
+
+    def wrong_ca() -> None:
+        assert _fedseg("certs", str(tmp_path / "other"), cwd=root).returncode == 0
+        wrong = _fedseg("site", "hospital-a", "--data", str(data), "--server", f"{PUBLIC}:{port}",
+                        "--ca-cert", str(tmp_path / "other" / "certs" / "ca.crt"), cwd=root, timeout=180)
+        assert wrong.returncode != 0 and "vouches for" in wrong.stderr, wrong.stdout + wrong.stderr
+
+    def bare_supernode() -> None:
+        bare_log = tmp_path / "bare.out"
+        bare = subprocess.Popen([str(Path(sys.executable).parent / "flower-supernode"), "--superlink", f"{PUBLIC}:{port}",
+                                 "--auth-supernode-private-key", "hospital-a/site.key", "--max-retries", "1", "--port", str(free_port())],
+                                cwd=root, stdout=bare_log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=flower_env(tmp_path / "bare"))
         try:
-            os.killpg(bare.pid, signal.SIGKILL)  # its SuperExec helper, if still there
-        except ProcessLookupError:
-            pass
+            assert bare.wait(timeout=120) != 0 and "CERTIFICATE_VERIFY_FAILED" in bare_log.read_text()
+        finally:
+            try:
+                os.killpg(bare.pid, signal.SIGKILL)  # its SuperExec helper, if still there
+            except ProcessLookupError:
+                pass
+
+    with ThreadPoolExecutor(3) as pool:
+        for check in [pool.submit(c) for c in (unregistered, wrong_ca, bare_supernode)]:
+            check.result()  # its assertion, if it failed
 
 
+@pytest.mark.slow  # real processes
 def test_sites_train_over_tls_through_a_dead_hospital_and_a_server_crash_while_intruders_are_refused(federation, tmp_path):
     root, port, server = federation["root"], federation["port"], federation["server"]
     sites = {bg.log.stem: bg for bg in federation["sites"]}
@@ -127,8 +141,8 @@ def test_sites_train_over_tls_through_a_dead_hospital_and_a_server_crash_while_i
     federation["started"].append(run)
     run.wait_for("round 1: training at 2 sites", timeout=240)
 
-    # hospital-b loses power during round 1: no goodbye, the SuperLink only stops hearing from it.
-    time.sleep(3)
+    # hospital-b loses power during round 1: no goodbye, the SuperLink only stops hearing from it. At once:
+    # with the SuperNode's 0.5 s poll, a tiny round's training can be over (and replied) within seconds.
     os.killpg(sites["hospital-b"].proc.pid, signal.SIGKILL)
 
     # Round 1 completes with the live hospital (min-sites 1); then, before round 2 can, the server machine
@@ -219,32 +233,68 @@ def _hostile_run(root: Path, tmp_path: Path, data: Path) -> list[dict]:
     time.sleep(1)
     return json.loads(out.read_text())
 
-def test_site_with_no_usable_data_fails_at_start(tmp_path):
+
+def test_site_with_no_usable_data_fails_at_start(tmp_path, fedseg_here):
     data = tmp_path / "export"
     data.mkdir()
     (data / "IM000001").write_bytes(b"\x00" * 200 + b"not DICOM")
-    assert _fedseg("site-init", "site", cwd=tmp_path).returncode == 0
-    result = _fedseg("site", "site", "--data", str(data), "--server", f"127.0.0.1:{free_port()}", "--ca-cert", "ca.crt", cwd=tmp_path)
+    assert fedseg_here("site-init", "site", cwd=tmp_path).returncode == 0
+    result = fedseg_here("site", "site", "--data", str(data), "--server", f"127.0.0.1:{free_port()}", "--ca-cert", "ca.crt", cwd=tmp_path)
     assert result.returncode != 0
     assert "cannot start" in result.stderr and "no usable labelled series" in result.stderr and "IM000001" in result.stderr
     assert not (tmp_path / "site" / "logs").exists()  # no SuperNode was ever started
 
 
-def test_server_refuses_to_start_without_certificates_unless_insecure(tmp_path):
-    result = _fedseg("server", "coordinator", "--port", str(free_port()), cwd=tmp_path)
+def test_server_refuses_to_start_without_certificates_unless_insecure(tmp_path, fedseg_here):
+    result = fedseg_here("server", "coordinator", "--port", str(free_port()), cwd=tmp_path)
     assert result.returncode != 0 and "fedseg certs" in result.stderr
 
 
-def test_site_with_a_corrupt_privacy_ledger_refuses_to_start_and_keeps_the_ledger(tmp_path, tiny_site):
-    assert _fedseg("site-init", "site", cwd=tmp_path).returncode == 0
+def test_site_with_a_corrupt_privacy_ledger_refuses_to_start_and_keeps_the_ledger(tmp_path, tiny_site, fedseg_here):
+    assert fedseg_here("site-init", "site", cwd=tmp_path).returncode == 0
     ledger = SiteState(tmp_path / "site").ledger_file
     ledger.write_text(ledger.read_text() + '{"seq": 1, "kind": "train", "event": [1.1, 0.1, 40], "pr')  # cut off mid-write
     damaged = ledger.read_text()
-    result = _fedseg("site", "site", "--data", str(tiny_site), "--server", f"127.0.0.1:{free_port()}", "--ca-cert", "ca.crt", cwd=tmp_path)
+    result = fedseg_here("site", "site", "--data", str(tiny_site), "--server", f"127.0.0.1:{free_port()}", "--ca-cert", "ca.crt", cwd=tmp_path)
     assert result.returncode != 0 and "cannot start" in result.stderr
     assert "cannot be trusted" in result.stderr and "It is not reset" in result.stderr and "privacy_ledger/ledger.jsonl" in result.stderr
     assert ledger.read_text() == damaged  # left exactly as found, for the privacy officer
     assert not (tmp_path / "site" / "logs").exists()
     ledger.unlink()  # deleted: the site still stops; it never starts again from zero
-    result = _fedseg("site", "site", "--data", str(tiny_site), "--server", f"127.0.0.1:{free_port()}", "--ca-cert", "ca.crt", cwd=tmp_path)
+    result = fedseg_here("site", "site", "--data", str(tiny_site), "--server", f"127.0.0.1:{free_port()}", "--ca-cert", "ca.crt", cwd=tmp_path)
     assert result.returncode != 0 and "is missing" in result.stderr and not ledger.exists()
+
+
+def test_the_coordinators_commands_say_when_there_is_no_server_to_talk_to(tmp_path, fedseg_here):
+    """`fedseg sites` and `register` go through the connection `fedseg server` writes, to a server answering there."""
+    missing = fedseg_here("sites", "coordinator", cwd=tmp_path)
+    assert missing.returncode != 0 and "is not a server folder" in missing.stderr and "fedseg server" in missing.stderr
+    write_connection(ServerFolder(tmp_path / "coordinator"), free_port(), insecure=False)  # what a stopped server leaves
+    stopped = fedseg_here("register", "coordinator", "site.pub", "--name", "north", cwd=tmp_path)
+    assert stopped.returncode != 0 and "no server answers at 127.0.0.1:" in stopped.stderr, stopped.stderr
+
+
+def test_an_installed_fedseg_ships_the_files_its_manifest_names_and_nothing_from_outside(tmp_path, monkeypatch):
+    """`fedseg run` from an installed package (no checkout) bundles a temporary copy of the app."""
+    installed = tmp_path / "site-packages"
+    (installed / "server").mkdir(parents=True)
+    (installed / "server" / "server_app.py").write_text("# the ServerApp\n")
+    manifest = tmp_path / "share" / "fedseg" / "pyproject.toml"
+    manifest.parent.mkdir(parents=True)
+    monkeypatch.setattr(control, "APP_DIR", installed)  # no pyproject.toml there: not a checkout
+    monkeypatch.setattr(control, "_installed_manifest", lambda: manifest)
+
+    def including(*names: str) -> None:
+        manifest.write_text(tomli_w.dumps({"project": {"name": "fedseg"}, "tool": {"flwr": {"app": {"fab-include": list(names)}}}}))
+
+    including("server/server_app.py")
+    with control.flower_app() as app:
+        assert sorted(p.relative_to(app).as_posix() for p in app.rglob("*") if p.is_file()) == ["pyproject.toml", "server/server_app.py"]
+    assert not app.exists()  # removed on leaving the block
+    for outside in ("../server/server_app.py", str(installed / "server" / "server_app.py"), "server/*.py"):
+        including(outside)
+        with pytest.raises(control.ControlError, match="without globs"), control.flower_app():
+            pass
+    including("server/strategy.py")
+    with pytest.raises(control.ControlError, match="lacks server/strategy.py"), control.flower_app():
+        pass

@@ -40,6 +40,21 @@ def test_seg_lands_on_the_right_slice(tmp_path):
     assert "DICOM-SEG" in labelled.label_source and not report.skipped
 
 
+@pytest.mark.parametrize("tilt,descending", [(0.0, False), (30.0, True), (-100.0, False)])
+def test_voxel_to_patient_follows_each_files_own_position_and_pixel_spacing(tmp_path, tilt, descending):
+    # DICOM's equation C.7.6.2.1-1 on each file's own attributes: pixel (r, c) of slice k lies at its
+    # ImagePositionPatient + r x row spacing along the column cosines + c x column spacing along the row cosines.
+    image, _ = blob_volume()
+    datasets = write_series(tmp_path / "s", image, spacing=(3.0, 1.2, 0.7), tilt_deg=tilt, descending=descending)
+    affine = voxel_to_patient(read_series(_headers(tmp_path / "s")))
+    rows, cols = image.shape[1:]
+    for k, ds in enumerate(datasets):  # ascending along the normal, as the series' slices are
+        row_cosines, col_cosines = np.array(ds.ImageOrientationPatient[:3]), np.array(ds.ImageOrientationPatient[3:])
+        for r, c in [(0, 0), (rows - 1, 0), (0, cols - 1), (5, 7)]:
+            expected = np.array(ds.ImagePositionPatient) + r * ds.PixelSpacing[0] * col_cosines + c * ds.PixelSpacing[1] * row_cosines
+            np.testing.assert_allclose((affine @ [k, r, c, 1])[:3], expected, atol=1e-6)
+
+
 def test_nifti_mask_from_manifest_is_resampled_onto_the_series(tmp_path):
     image, mask = blob_volume()
     write_series(tmp_path / "site" / "img", image, tilt_deg=20.0)
@@ -51,6 +66,25 @@ def test_nifti_mask_from_manifest_is_resampled_onto_the_series(tmp_path):
     [labelled], _ = load_site_series(tmp_path / "site", CLASSES)
     np.testing.assert_array_equal(labelled.mask, mask)
     assert labelled.label_source.startswith("NIfTI")
+
+
+def test_a_nifti_mask_stored_in_another_axis_order_lands_on_the_series_voxels(tmp_path):
+    # The NIfTI's affine from the files' own attributes (not from our code): its axes are (column
+    # reversed, row, slice), in RAS millimetres, as another tool may write them.
+    image, mask = blob_volume()
+    datasets = write_series(tmp_path / "site" / "img", image, spacing=(3.0, 1.2, 0.7), tilt_deg=25.0)
+    first, second = (np.array(ds.ImagePositionPatient, dtype=float) for ds in datasets[:2])
+    row_cosines, col_cosines = (np.array(datasets[0].ImageOrientationPatient[i:i + 3], dtype=float) for i in (0, 3))
+    row_spacing, col_spacing = (float(v) for v in datasets[0].PixelSpacing)
+    cols = image.shape[2]
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2] = -col_spacing * row_cosines, row_spacing * col_cosines, second - first
+    lps[:3, 3] = first + (cols - 1) * col_spacing * row_cosines
+    nib.save(nib.Nifti1Image(mask.transpose(2, 1, 0)[::-1].copy(), np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps), tmp_path / "site" / "mask.nii.gz")
+    with open(tmp_path / "site" / "masks.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["series_instance_uid", "mask"], [datasets[0].SeriesInstanceUID, "mask.nii.gz"]])
+    [labelled], _ = load_site_series(tmp_path / "site", CLASSES)
+    np.testing.assert_array_equal(labelled.mask, mask)
 
 
 # pydicom's own test files, copied verbatim into a site folder: what a PACS export drags along.

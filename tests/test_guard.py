@@ -5,14 +5,12 @@ with the requests it controls."""
 import math
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants import RDPAccountant
 
@@ -22,11 +20,10 @@ from client.site_state import SiteState
 from client.guard_socket import GuardClient, GuardServer, PREFIX, MAGIC
 from client.privacy_ledger import LedgerError, PrivacyLedger
 from common.array_codec import arrays_sha256
-from common.config import run_config
+from common.config import SITE_KEYS, run_config
 from common.model import build_model
 from common.parameters import model_arrays
 from common.site_reply import VALIDATE_RECEIVED, weights_content, weights_of
-from server.server_app import SITE_KEYS
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 SETTINGS = {"image-size": 32, "local-epochs": 1, "num-server-rounds": 3, "batch-size": 2, "target-epsilon": 6.0, "delta": 1e-3}
@@ -223,43 +220,46 @@ def test_ledger_edits_deletion_and_replacement_stop_the_site(tiny_site, tmp_path
     state.ledger_file.write_bytes(original)
 
 
-def test_a_load_error_leaves_as_a_code_without_patient_identifiers(tiny_site, tmp_path):
+def test_a_load_error_leaves_as_a_code_without_patient_identifiers(tiny_site, tmp_path, caplog):
     patient_ids = [p.name for p in tiny_site.iterdir() if p.is_dir()]
     broken = tmp_path / "broken"
     shutil.copytree(tiny_site, broken)
     for seg in broken.rglob("SEG/*.dcm"):
         seg.write_bytes(b"garbage")
+    caplog.set_level("INFO", logger="client")
     reply = _call(_guard(tmp_path / "b", broken), MessageType.TRAIN, 1)
     assert (reply.content["site"]["status"], reply.content["site"]["reason"]) == ("refused", "data_unusable")
+    site_log = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("client."))
+    assert any(pid in site_log for pid in patient_ids)  # the detail exists: at the site, in its own log
     # What the server keeps of it: its history and its console log hold the code, not the patients.
     from flwr.serverapp.strategy import FedAvg
 
     from server.run_record import RunRecord
     from server.strategy import FederationStrategy
 
-    record, log = RunRecord(tmp_path / "run", run_config({"min-sites": 1})), []
-    strategy = FederationStrategy(FedAvg(min_train_nodes=1), record, progress=log.append)
+    caplog.set_level("INFO", logger="server")
+    record = RunRecord(tmp_path / "run", run_config({"min-sites": 1}))
+    strategy = FederationStrategy(FedAvg(min_train_nodes=1), record)
     strategy.sent = model_arrays(build_model(3))
     strategy.aggregate_train(1, [reply])
     record.write_history()
-    kept = (tmp_path / "run" / "history.json").read_text() + "\n".join(log) + repr(reply.content)
+    console = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("server."))  # the server's, not the site's
+    kept = (tmp_path / "run" / "history.json").read_text() + console + repr(reply.content)
     assert "data_unusable" in kept
     assert not any(pid in kept for pid in patient_ids) and str(broken) not in kept and "site-01" not in kept
 
 
-def test_audit_log_names_exactly_the_arrays_the_server_received(tiny_site, tmp_path):
+def test_audit_log_names_exactly_the_arrays_the_server_received(tiny_site, tmp_path, fedseg_here):
     guard = _guard(tmp_path, tiny_site)
     reply = _call(guard, MessageType.TRAIN, 1)
     entry = guard.ledger.entries[-1]
     assert entry["kind"] == "train" and entry["released_sha256"] == arrays_sha256(_weights(reply))
     assert entry["metrics"] == dict(reply.content["metrics"])
-    out = subprocess.run([sys.executable, "-m", "common.cli", "audit", str(tmp_path)], capture_output=True, text=True,
-                         cwd=Path(__file__).parents[1])
+    out = fedseg_here("audit", str(tmp_path), cwd=tmp_path)
     assert out.returncode == 0 and "hash chain OK" in out.stdout and entry["released_sha256"][:16] in out.stdout
     assert "unit of privacy: the patient" in out.stdout
     SiteState(tmp_path).ledger_file.write_text(SiteState(tmp_path).ledger_file.read_text().replace('"train"', '"genesis"'))
-    out = subprocess.run([sys.executable, "-m", "common.cli", "audit", str(tmp_path)], capture_output=True, text=True,
-                         cwd=Path(__file__).parents[1])
+    out = fedseg_here("audit", str(tmp_path), cwd=tmp_path)
     assert out.returncode != 0 and "AUDIT FAILED" in out.stderr
 
 
@@ -332,7 +332,7 @@ def test_server_records_a_refusing_site_and_aggregates_the_others(tiny_site, tmp
     refused = _call(_guard(tmp_path / "b", tiny_site, epsilon_budget=0.5), MessageType.TRAIN)
     refused.content["site"]["name"] = "south"
     record = RunRecord(tmp_path / "run", run_config({"min-sites": 1}))
-    strategy = FederationStrategy(FedAvg(min_train_nodes=1), record, progress=lambda _: None)
+    strategy = FederationStrategy(FedAvg(min_train_nodes=1), record)
     strategy.sent = released = _weights(ok)
     arrays, _ = strategy.aggregate_train(1, [ok, refused])
     aggregated = arrays.to_torch_state_dict()

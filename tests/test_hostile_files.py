@@ -5,6 +5,7 @@ bounded. Every file here is a real DICOM/NIfTI file written with pydicom, highdi
 import copy
 import csv
 import gc
+import logging
 import tracemalloc
 import weakref
 from pathlib import Path
@@ -187,7 +188,7 @@ def test_unlabelled_series_are_not_decoded_by_training_but_are_for_prediction(tm
     assert "no label" in _reason(report, "patient unlabelled")
     assert {p.parent for p in decoded} == {site / "honest"}
     results, _ = predict.predict_folder(_untrained_model(tmp_path / "model.pt"), site, tmp_path / "out", torch.device("cpu"),
-                                        png=False, progress=lambda line: None)  # `fedseg predict` segments every series
+                                        png=False)  # `fedseg predict` segments every series
     assert unlabelled[0].SeriesInstanceUID in {r.series_uid for r in results}
     assert {p.parent for p in decoded} == {site / "honest", site / "unlabelled"}
 
@@ -303,7 +304,7 @@ def test_the_scan_keeps_a_few_plain_values_per_file_not_the_parsed_header(tmp_pa
     assert kept / len(files) < HEADER_BOUND_BYTES, f"{kept / len(files):.0f} bytes kept per file"
 
 
-def test_prediction_holds_one_decoded_series_at_a_time(tmp_path, monkeypatch):
+def test_prediction_holds_one_decoded_series_at_a_time(tmp_path, monkeypatch, caplog):
     source = tmp_path / "src"
     for k in range(3):
         write_series(source / f"P{k}", blob_volume(seed=k)[0], patient=f"P{k}", seed=k)
@@ -319,8 +320,9 @@ def test_prediction_holds_one_decoded_series_at_a_time(tmp_path, monkeypatch):
 
     refs = []
     monkeypatch.setattr(predict, "decode_series", decode)
-    lines = []
-    results, report = predict.predict_folder(model, source, tmp_path / "out", torch.device("cpu"), progress=lines.append)
+    caplog.set_level(logging.INFO, logger=predict.__name__)
+    results, report = predict.predict_folder(model, source, tmp_path / "out", torch.device("cpu"))
+    lines = [r.getMessage() for r in caplog.records if r.name == predict.__name__]
 
     assert alive == [0, 0, 0] and not report.skipped
     assert [r.patient_id for r in results] == ["P0", "P1", "P2"] and all(r.seg.is_file() for r in results)

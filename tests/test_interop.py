@@ -1,6 +1,7 @@
 """Clinical interoperability with real tools: `fedseg predict` output checked by dciodvfy (Debian's
 dicom3tools) and read back; a real Orthanc with its DICOMweb plugin on loopback as the hospital PACS:
-upload a study, pull it, train a site on it, predict, store the SEG, find it in Orthanc."""
+upload a study, pull it, train a site on it, predict, store the SEG, find it in Orthanc. The commands
+that start no daemon run in this process (no interpreter start-up); the simulation runs as its own."""
 
 from __future__ import annotations
 
@@ -42,11 +43,14 @@ def _tool(name: str) -> str:
     return found
 
 
+def _succeeded(run: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
 def _fedseg(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run([*FEDSEG, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "FEDSEG_CACHE": str(cwd / "cache")})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return _succeeded(subprocess.run([*FEDSEG, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, "PYTHONPATH": str(REPO), "FEDSEG_CACHE": str(cwd / "cache")}))
 
 
 def _checkpoint(path: Path, seed: int = 3) -> Path:
@@ -56,11 +60,11 @@ def _checkpoint(path: Path, seed: int = 3) -> Path:
     return path
 
 
-def test_predicted_seg_passes_dciodvfy_references_its_series_and_reads_back_as_the_same_mask(tmp_path, tiny_site):
+def test_predicted_seg_passes_dciodvfy_references_its_series_and_reads_back_as_the_same_mask(tmp_path, tiny_site, fedseg_here):
     dciodvfy = _tool("dciodvfy")
     model = _checkpoint(tmp_path / "global_model.pt")
     patient = next(p for p in sorted(tiny_site.iterdir()) if p.is_dir())
-    run = _fedseg("predict", str(model), str(patient), "--out", str(tmp_path / "out"), "--nifti", cwd=tmp_path)
+    run = _succeeded(fedseg_here("predict", str(model), str(patient), "--out", str(tmp_path / "out"), "--nifti", cwd=tmp_path))
     assert "[1/1]" in run.stdout and "1 series segmented" in run.stdout
 
     loaded = LoadReport(str(patient))
@@ -116,14 +120,14 @@ def orthanc(tmp_path):
     proc.wait(timeout=30)
 
 
-def test_orthanc_round_trip_train_from_pacs_predict_and_store_the_seg(tmp_path, tiny_site, orthanc):
+def test_orthanc_round_trip_train_from_pacs_predict_and_store_the_seg(tmp_path, tiny_site, orthanc, fedseg_here):
     # The hospital's PACS holds a simulated site: images and their expert SEGs.
     files = [p for p in tiny_site.rglob("*") if p.is_file() and p.suffix in ("", ".dcm")]
     assert push(orthanc, files) == len(files)
 
     # The site pulls its training data from the PACS and trains (one site, one round).
-    _fedseg("pull", orthanc, str(tmp_path / "hospitals" / "from-pacs"), "--all", cwd=tmp_path)
-    again = _fedseg("pull", orthanc, str(tmp_path / "hospitals" / "from-pacs"), "--all", cwd=tmp_path)
+    _succeeded(fedseg_here("pull", orthanc, str(tmp_path / "hospitals" / "from-pacs"), "--all", cwd=tmp_path))
+    again = _succeeded(fedseg_here("pull", orthanc, str(tmp_path / "hospitals" / "from-pacs"), "--all", cwd=tmp_path))
     assert f"0 instances fetched, {len(files)} already" in again.stdout  # the cache is used, nothing fetched twice
     _fedseg("simulate", "--data-root", str(tmp_path / "hospitals"), "--rounds", "1", "--local-epochs", "1", "--image-size", "32",
             "--batch-size", "8", "--epsilon", "30", "--out", str(tmp_path / "run"), cwd=tmp_path, timeout=600)
@@ -132,8 +136,8 @@ def test_orthanc_round_trip_train_from_pacs_predict_and_store_the_seg(tmp_path, 
 
     # Predict one study straight from the PACS and store the SEG back.
     first = pydicom.dcmread(next(p for p in files if pydicom.dcmread(p, stop_before_pixels=True).Modality == "CT"))
-    run = _fedseg("predict", str(tmp_path / "run"), orthanc, "--study", first.StudyInstanceUID, "--out", str(tmp_path / "pred"),
-                  "--store", orthanc, cwd=tmp_path)
+    run = _succeeded(fedseg_here("predict", str(tmp_path / "run"), orthanc, "--study", first.StudyInstanceUID,
+                                 "--out", str(tmp_path / "pred"), "--store", orthanc, cwd=tmp_path))
     assert "stored 1 DICOM-SEG" in run.stdout
 
     from dicomweb_client.api import DICOMwebClient

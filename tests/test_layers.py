@@ -132,3 +132,18 @@ def test_missing_command_metadata_is_a_message_not_a_traceback(monkeypatch):
     monkeypatch.setattr(cli, "entry_points", lambda group: [])
     with pytest.raises(SystemExit, match="not installed.*pip install -e"):
         cli.main(["--help"])
+
+
+def test_the_cli_shows_fedsegs_log_as_plain_lines_on_stdout_and_flowers_once_only_with_verbose():
+    """Library modules log (`logging.getLogger(__name__)`); the CLI alone decides where it shows."""
+    import subprocess
+    import sys
+
+    script = ("import logging, sys; from common.cli import configure_logging; configure_logging(sys.argv[1] == 'verbose'); "
+              "logging.getLogger('server.strategy').info('round 1: trained'); logging.getLogger('client.pacs').warning('plain http'); "
+              "logging.getLogger('simulations.bench').debug('detail'); logging.getLogger('flwr').info('flower chatter')")
+    quiet, verbose = (subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True, cwd=REPO)
+                      for mode in ("quiet", "verbose"))
+    assert quiet.stdout == "round 1: trained\nplain http\n" and quiet.stderr == ""
+    assert verbose.stdout.startswith("round 1: trained\nplain http\ndetail\n")
+    assert (verbose.stdout + verbose.stderr).count("flower chatter") == 1

@@ -26,7 +26,6 @@ from common.credentials import create_server_certificates
 from common.dicomweb import PacsAccess, PacsAuthError, PacsTLSError, pull, session
 from common.model import build_model, load_global_model
 from common.safe_paths import UnsafePath, path_under, safe_name
-from tests.commands import fedseg
 from tests.dicom_factory import blob_volume, write_series
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # pydicom, on the attacks' UIDs
@@ -91,8 +90,7 @@ def test_predict_writes_a_hostile_series_uid_under_a_sanitised_name_inside_out(t
     out = tmp_path / "x" / "y" / "z" / "out"  # the attack climbs 3 levels above OUT: still inside tmp_path, where we look
     before = _files(tmp_path)
 
-    results, report = predict_folder(load_global_model(model), source, out, torch.device("cpu"), nifti=True,
-                                     progress=lambda _: None)
+    results, report = predict_folder(load_global_model(model), source, out, torch.device("cpu"), nifti=True)
 
     written = _files(tmp_path) - before
     assert written and all(p.is_relative_to(out) for p in written), sorted(map(str, written))
@@ -185,17 +183,17 @@ def _server(routes: dict[str, tuple[str, bytes]], tls: ssl.SSLContext | None = N
         httpd.server_close()
 
 
-def test_pull_from_a_hostile_server_keeps_everything_inside_the_folder_and_says_what_it_refused(tmp_path):
+def test_pull_from_a_hostile_server_keeps_everything_inside_the_folder_and_says_what_it_refused(tmp_path, caplog):
     folder = tmp_path / "a" / "b" / "c" / "pacs"
-    lines: list[str] = []
+    caplog.set_level("INFO", logger="common.dicomweb")
     with _server(_hostile_routes()) as (url, asked):
-        counts = pull(url, folder, None, progress=lines.append)
+        counts = pull(url, folder, None)
 
     assert all(p.is_relative_to(folder) for p in _files(tmp_path)), sorted(map(str, _files(tmp_path)))
     assert {p.relative_to(folder).as_posix() for p in _files(tmp_path)} == {"1.5/1.6/1.5.1.dcm", f"1.5/1.6/{safe_name('../../../../escaped2')}.dcm"}
     assert not any(".." in p for p in asked)  # the escaping study was never even asked for
     assert (counts.fetched, counts.refused) == (2, 4)
-    text = "\n".join(lines)
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name == "common.dicomweb")  # pydicom's own warnings quote the UIDs
     assert "not DICOM UIDs" in text and "'.' or '..'" in text and "not in the series that was asked for" in text
     assert "escaped" not in text and "../" not in text, text  # refusals name a hash, never the server's text
 
@@ -212,34 +210,32 @@ def _good_routes() -> dict[str, tuple[str, bytes]]:
             "/dicom-web/studies/1.5/series/1.6": _multipart([_instance("1.5", "1.6", "1.5.1")])}
 
 
-def test_pull_over_https_needs_the_ca_and_the_right_token(tmp_path):
+def test_pull_over_https_needs_the_ca_and_the_right_token(tmp_path, fedseg_here):
     tls, ca = _tls(tmp_path)
     (tmp_path / "token").write_text(TOKEN + "\n")
     (tmp_path / "wrong").write_text("not-the-token\n")
     with _server(_good_routes(), tls, f"Bearer {TOKEN}") as (url, _):
-        ok = fedseg("pull", url, "pacs", "--study", "1.5", "--token-file", "token", "--ca-cert", str(ca), cwd=tmp_path)
-        no_ca = fedseg("pull", url, "no-ca", "--study", "1.5", "--token-file", "token", cwd=tmp_path)
-        wrong = fedseg("pull", url, "wrong-pacs", "--study", "1.5", "--token-file", "wrong", "--ca-cert", str(ca), cwd=tmp_path)
+        ok = fedseg_here("pull", url, "pacs", "--study", "1.5", "--token-file", "token", "--ca-cert", str(ca), cwd=tmp_path)
+        no_ca = fedseg_here("pull", url, "no-ca", "--study", "1.5", "--token-file", "token", cwd=tmp_path)
+        wrong = fedseg_here("pull", url, "wrong-pacs", "--study", "1.5", "--token-file", "wrong", "--ca-cert", str(ca), cwd=tmp_path)
 
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "1 instances fetched" in ok.stdout and (tmp_path / "pacs" / "1.5" / "1.6" / "1.5.1.dcm").is_file()
     assert no_ca.returncode != 0 and "TLS certificate verification failed" in no_ca.stderr, no_ca.stderr[-3000:]
     assert wrong.returncode != 0 and "refused our credentials (HTTP 401)" in wrong.stderr, wrong.stderr[-3000:]
     assert not (tmp_path / "no-ca").exists() and not (tmp_path / "wrong-pacs").exists()
-    assert TOKEN not in ok.stdout + ok.stderr + no_ca.stderr + wrong.stderr
+    assert TOKEN not in ok.stdout + ok.stderr + no_ca.stdout + no_ca.stderr + wrong.stdout + wrong.stderr
 
 
 def test_pull_with_basic_auth_sends_user_and_password_and_reports_refusals_as_typed_errors(tmp_path):
     tls, ca = _tls(tmp_path)
     basic = "Basic " + base64.b64encode(b"radiology:pw").decode()
     with _server(_good_routes(), tls, basic) as (url, _):
-        counts = pull(url, tmp_path / "ok", ["1.5"], session(PacsAccess(user="radiology", password="pw", ca_cert=ca)),
-                      progress=lambda _: None)
+        counts = pull(url, tmp_path / "ok", ["1.5"], session(PacsAccess(user="radiology", password="pw", ca_cert=ca)))
         with pytest.raises(PacsAuthError, match="HTTP 401"):
-            pull(url, tmp_path / "bad", ["1.5"], session(PacsAccess(user="radiology", password="no", ca_cert=ca)),
-                 progress=lambda _: None)
+            pull(url, tmp_path / "bad", ["1.5"], session(PacsAccess(user="radiology", password="no", ca_cert=ca)))
         with pytest.raises(PacsTLSError):
-            pull(url, tmp_path / "bad", ["1.5"], session(PacsAccess(user="radiology", password="pw")), progress=lambda _: None)
+            pull(url, tmp_path / "bad", ["1.5"], session(PacsAccess(user="radiology", password="pw")))
     assert counts.fetched == 1
 
 
@@ -255,8 +251,8 @@ def test_pull_with_basic_auth_sends_user_and_password_and_reports_refusals_as_ty
     (["site", "site", "--data", "https://127.0.0.1:9/dicom-web", "--pacs-user", "fedseg", "--server", "127.0.0.1:9", "--insecure"],
      "FEDSEG_PACS_PASSWORD"),
 ])
-def test_cli_refuses_an_unscoped_or_unsafe_pull_before_any_network_access(tmp_path, monkeypatch, args, message):
+def test_cli_refuses_an_unscoped_or_unsafe_pull_before_any_network_access(tmp_path, monkeypatch, fedseg_here, args, message):
     monkeypatch.delenv("FEDSEG_PACS_PASSWORD", raising=False)
-    run = fedseg(*args, cwd=tmp_path)
+    run = fedseg_here(*args, cwd=tmp_path)
     assert run.returncode != 0 and message in run.stderr, run.stderr[-3000:]
     assert not list(tmp_path.iterdir())  # nothing pulled, no folder made (the refusal comes before the model is read)

@@ -74,7 +74,7 @@ def test_screening_rejects_malformed_and_extreme_updates_and_passes_the_rest():
 def test_a_round_survives_bad_sites_with_every_aggregator(tmp_path, strategy):
     config = run_config({"strategy": strategy, "min-sites": 5, "byzantine-sites": 1, "run-dir": str(tmp_path)})
     record = RunRecord(tmp_path, config)
-    fed = FederationStrategy(build_strategy(config), record, progress=lambda _: None)
+    fed = FederationStrategy(build_strategy(config), record)
     fed.sent = dict(GLOBAL)
     fed.asked = [_ask(n) for n in range(1, 10)]
     # The SuperLink answers for a dead node itself: the error's source is the SuperLink (node 1 here too).
@@ -98,7 +98,7 @@ def test_a_train_reply_closes_the_previous_round_with_the_validation_it_carries(
     """One message per site and round: the courier's reply (built by the shared protocol) carries the
     validation of the weights it was sent; the server closes the previous round from it."""
     record = RunRecord(tmp_path, run_config({"min-sites": 1, "run-dir": str(tmp_path)}))
-    fed = FederationStrategy(build_strategy(record.config), record, progress=lambda _: None)
+    fed = FederationStrategy(build_strategy(record.config), record)
     fed.sent, fed.asked, fed.validating = dict(GLOBAL), [_ask(1), _ask(2), _ask(3)], True
     trained = {"status": "ok", "code": "", "metrics": {"num-examples": 10, "epsilon": 1.0, "noise-multiplier": 1.0}}
     weights = {k: v + 0.01 for k, v in GLOBAL.items()}
@@ -127,7 +127,7 @@ def test_a_train_reply_closes_the_previous_round_with_the_validation_it_carries(
 
 def test_replies_are_named_by_the_registered_node_not_by_the_name_they_claim(tmp_path):
     record = RunRecord(tmp_path, run_config({"min-sites": 1, "run-dir": str(tmp_path)}))
-    fed = FederationStrategy(build_strategy(record.config), record, progress=lambda _: None,
+    fed = FederationStrategy(build_strategy(record.config), record,
                              registered={"1": "hospital-a", "2": "hospital-b", "3": "hospital-c"})
     fed.sent, fed.asked = dict(GLOBAL), [_ask(1), _ask(2), _ask(3)]
     # hospital-b claims to be hospital-a, to replace its update and history entry; hospital-c dies unheard
@@ -141,7 +141,7 @@ def test_replies_are_named_by_the_registered_node_not_by_the_name_they_claim(tmp
 def test_too_few_usable_updates_are_never_aggregated(tmp_path):
     config = run_config({"min-sites": 2, "run-dir": str(tmp_path)})
     record = RunRecord(tmp_path, config)
-    fed = FederationStrategy(build_strategy(config), record, progress=lambda _: None)
+    fed = FederationStrategy(build_strategy(config), record)
     fed.sent, fed.asked = dict(GLOBAL), [_ask(1), _ask(2)]
     arrays, _ = fed.aggregate_train(1, [_reply(1, "a", _arrays(0.01)), _reply(2, "b", _arrays(0.01, b=np.full(3, np.inf, np.float32)))])
     assert arrays is None
@@ -151,7 +151,7 @@ def test_too_few_usable_updates_are_never_aggregated(tmp_path):
 def test_fedadam_resumes_with_its_moments_and_the_history_cut_at_the_last_completed_round(tmp_path):
     config = run_config({"strategy": "fedadam", "min-sites": 1, "num-server-rounds": 3, "run-dir": str(tmp_path)})
     record = RunRecord(tmp_path, config)
-    fed = FederationStrategy(build_strategy(config), record, progress=lambda _: None)
+    fed = FederationStrategy(build_strategy(config), record)
     start = _arrays(0.0)
     for server_round in (1, 2):
         fed.configure_train(server_round, start, ConfigRecord(), grid=_OneNodeGrid())
@@ -164,7 +164,7 @@ def test_fedadam_resumes_with_its_moments_and_the_history_cut_at_the_last_comple
     assert done == 2 and sorted(resumed.rounds) == [1, 2]  # round 3 was in flight: it is run again
     assert resumed.config["strategy"] == "fedadam" and resumed.config["num-server-rounds"] == 5
     assert "resumed after round 2" in resumed.events[-1]["event"]
-    again = FederationStrategy(build_strategy(resumed.config), resumed, progress=lambda _: None)
+    again = FederationStrategy(build_strategy(resumed.config), resumed)
     again.load_state(checkpoint["strategy_state"])
     for key, arrays in moments.items():
         for name, value in arrays.items():
@@ -215,7 +215,7 @@ def _validation(node: int, name: str, status: str = "ok", **metrics: float) -> M
 def test_minimal_validation_replies_are_averaged_and_one_without_dice_is_rejected(tmp_path):
     config = run_config({"min-sites": 1, "run-dir": str(tmp_path)})
     record = RunRecord(tmp_path, config)
-    fed = FederationStrategy(build_strategy(config), record, progress=lambda _: None)
+    fed = FederationStrategy(build_strategy(config), record)
     fed.asked = [_ask(n) for n in range(1, 6)]
     replies = [_validation(1, "full", dice=0.8, iou=0.7, hd95=5.0, epsilon=1.0, **{"num-examples": 10}),
                _validation(2, "minimal", dice=0.6, **{"num-examples": 20}),  # no iou, hd95 nor ε
@@ -239,7 +239,7 @@ def test_minimal_validation_replies_are_averaged_and_one_without_dice_is_rejecte
 
 def test_a_validation_refusal_does_not_hide_the_rounds_training_problem(tmp_path):
     record = RunRecord(tmp_path, run_config({"run-dir": str(tmp_path)}))
-    fed = FederationStrategy(build_strategy(record.config), record, progress=lambda _: None)
+    fed = FederationStrategy(build_strategy(record.config), record)
     fed.asked = [_ask(1)]
     record.site(1, "broke").update(status="refused", reason="budget_exhausted")
     fed.aggregate_evaluate(1, [_validation(1, "broke", status="error")])
@@ -249,7 +249,7 @@ def test_a_validation_refusal_does_not_hide_the_rounds_training_problem(tmp_path
 def test_train_replies_without_steps_seconds_or_loss_are_still_averaged(tmp_path):
     config = run_config({"min-sites": 2, "run-dir": str(tmp_path)})
     record = RunRecord(tmp_path, config)
-    fed = FederationStrategy(build_strategy(config), record, progress=lambda _: None)
+    fed = FederationStrategy(build_strategy(config), record)
     fed.sent, fed.asked = dict(GLOBAL), [_ask(1), _ask(2)]
     minimal = Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 20}),
                                           "site": ConfigRecord({"name": "minimal", "status": "ok", "reason": ""})}), reply_to=_ask(2))
@@ -275,7 +275,7 @@ def test_packed_weights_round_trip_and_a_lying_layout_is_rejected_not_a_crash(tm
         with pytest.raises(ValueError):
             unpack(record, ConfigRecord(lying))
     # at the server: that site is left out with the reason, the others aggregated
-    fed = FederationStrategy(build_strategy(run_config({"min-sites": 1})), RunRecord(tmp_path, run_config({"min-sites": 1})), progress=lambda _: None)
+    fed = FederationStrategy(build_strategy(run_config({"min-sites": 1})), RunRecord(tmp_path, run_config({"min-sites": 1})))
     fed.sent, fed.asked = dict(GLOBAL), [_ask(1), _ask(2)]
     liar = _reply(2, "liar", _arrays(0.01))
     liar.content["layout"] = ConfigRecord({**dict(liar.content["layout"]), "dims": [4, 4, 3]})
@@ -287,7 +287,7 @@ def test_packed_weights_round_trip_and_a_lying_layout_is_rejected_not_a_crash(tm
 def _federation(tmp_path, sites: int, **settings) -> FederationStrategy:
     """A strategy that asked nodes 1..`sites` to train on GLOBAL."""
     config = run_config({"min-sites": sites, "run-dir": str(tmp_path), **settings})
-    fed = FederationStrategy(build_strategy(config), RunRecord(tmp_path, config), progress=lambda _: None)
+    fed = FederationStrategy(build_strategy(config), RunRecord(tmp_path, config))
     fed.sent, fed.asked = dict(GLOBAL), [_ask(n) for n in range(1, sites + 1)]
     return fed
 
@@ -427,7 +427,7 @@ def test_a_broken_validation_inside_a_train_reply_rejects_the_validation_not_the
 def test_a_robust_aggregator_that_could_trim_no_one_refuses_to_start(tmp_path, strategy, settings, needed):
     config = run_config({"strategy": strategy, "min-sites": needed - 1, "run-dir": str(tmp_path / "run"), **settings})
     with pytest.raises(AggregatorError, match=f"leaves no site out of a round of {needed - 1} .*set --min-sites to at least {needed}"):
-        run_federation(grid=None, config=config, progress=lambda _: None)
+        run_federation(grid=None, config=config)
     assert not (tmp_path / "run").exists()  # refused before anything is written
     check_aggregator({**config, "min-sites": needed})
     # A strategy built around the check (a run started before it) still never aggregates fewer, untrimmed.
@@ -440,3 +440,29 @@ def test_averaging_strategies_start_with_any_number_of_sites_and_a_zero_trim_is_
     check_aggregator(run_config({"strategy": "fedavg", "min-sites": 1}))
     with pytest.raises(AggregatorError, match="trim-fraction must be in"):
         check_aggregator(run_config({"strategy": "fedtrimmedavg", "trim-fraction": 0.0, "min-sites": 10}))
+
+
+def test_the_server_app_shows_its_progress_on_stdout_once_with_or_without_the_cli(capsys):
+    """In `flwr-serverapp` (a deployment) fedseg's CLI never configures logging: the app puts its
+    progress on stdout, which Flower streams to `fedseg run`; under the CLI's handler it adds none."""
+    import logging
+    import sys
+
+    from server.server_app import progress_on_stdout
+
+    strategy_log, server_log = logging.getLogger("server.strategy"), logging.getLogger("server")
+    with progress_on_stdout():
+        strategy_log.info("round 1: aggregated validation Dice 0.500")
+    strategy_log.info("after the run, nothing is shown")
+    assert capsys.readouterr().out == "round 1: aggregated validation Dice 0.500\n" and not server_log.handlers
+
+    cli_handler = logging.StreamHandler(sys.stdout)
+    server_log.addHandler(cli_handler)
+    server_log.setLevel(logging.INFO)
+    try:
+        with progress_on_stdout():
+            strategy_log.info("round 2: training at 3 sites")
+    finally:
+        server_log.removeHandler(cli_handler)
+        server_log.setLevel(logging.NOTSET)
+    assert capsys.readouterr().out == "round 2: training at 3 sites\n"

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from client.supernode_poll import PATCH, supernode_launcher
 
 STOCK = Path(sys.executable).parent / "flower-supernode"
@@ -13,6 +15,7 @@ def _python(code: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-I", "-c", code, *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # real processes: Flower's SuperNode command, twice
 def test_launcher_is_flowers_supernode_command():
     ours = subprocess.run([*supernode_launcher(), "--help"], capture_output=True, text=True, timeout=120)
     stock = subprocess.run([str(STOCK), "--help"], capture_output=True, text=True, timeout=120)

@@ -7,6 +7,7 @@ deployed courier does, and a site's ledger is only ever written by its one guard
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -36,6 +37,7 @@ def serve(folder: str, state_dir: str, socket_path: str, threads: int, kinds: Se
     from client.site_state import SiteState
     from simulations.faults import FaultyGuard
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")  # the site's own log
     torch.set_num_threads(threads)
     name = Path(folder).name
     guard: Handler
@@ -79,7 +81,7 @@ def serve_guards(sites: Sequence[str], state_root: Path, faults: dict[int, list[
             name = Path(site).name
             command = [sys.executable, "-m", __name__, site, str(state_root / name), sockets[index], str(threads),
                        ",".join(faults.get(index, []))]
-            processes.append(FlowerProcess(command, dict(os.environ), Path.cwd(), log_dir / f"guard-{name}.log"))
+            processes.append(FlowerProcess(command, dict(os.environ), Path.cwd(), log_dir / f"guard-{name}.log", console=False))
             stack.callback(processes[-1].stop)
         yield SiteGuards(sites, sockets, processes)
 

@@ -13,6 +13,7 @@ says loudly what that means (README: privacy model).
 
 from __future__ import annotations
 
+import logging
 import os
 import pwd
 import shutil
@@ -26,6 +27,7 @@ from pathlib import Path
 import psutil
 
 COURIER_USER = "fedseg-courier"
+log = logging.getLogger(__name__)
 
 
 class IsolationError(RuntimeError):
@@ -73,8 +75,8 @@ def let_courier_run_python(user: str = COURIER_USER) -> None:
         subprocess.run(["setfacl", "-m", f"u:{user}:x", *map(str, closed)], check=True, capture_output=True)
 
 
-def _as_user(uid: int, gid: int, code: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code, *args], user=uid, group=gid, extra_groups=[], capture_output=True,
+def _as_user(uid: int, gid: int, code: str, *args: str, groups: list[int] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *args], user=uid, group=gid, extra_groups=groups or [], capture_output=True,
                           text=True, timeout=120, cwd="/", env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
 
 
@@ -132,16 +134,20 @@ def external_courier(site_root: Path, data_dir: Path, user: str) -> Courier:
     home = socket_dir / "courier-home"  # where Flower installs the app bundle: the courier's to write
     home.mkdir(mode=0o700)
     _grant(user, "rwx", home)
-    if os.geteuid() == 0:
-        _check_closed(account, data_dir, site_root)
+    if os.geteuid() == 0:  # `sudo -u`/`runuser -u` give the user its groups: so does the check
+        _check_closed(account, data_dir, site_root, os.getgrouplist(user, account.pw_gid))
+    else:
+        log.warning("cannot switch to %s to check what it can read (not root): make sure `sudo -u %s ls %s` fails",
+                    user, user, data_dir)
     return Courier(user, account.pw_uid, None, home, socket_dir, external=True)
 
 
-def _check_closed(account: pwd.struct_passwd, data_dir: Path, site_root: Path) -> None:
-    """As the courier user: it can run this Python, and cannot read the data or the site folder."""
+def _check_closed(account: pwd.struct_passwd, data_dir: Path, site_root: Path, groups: list[int] | None = None) -> None:
+    """As the courier user (with `groups`, as it will run): it can run this Python, and cannot read
+    the data or the site folder."""
     user, uid, gid = account.pw_name, account.pw_uid, account.pw_gid
     try:
-        runs = _as_user(uid, gid, "import flwr.clientapp, numpy").returncode == 0
+        runs = _as_user(uid, gid, "import flwr.clientapp, numpy", groups=groups).returncode == 0
     except OSError:  # cannot even start the interpreter
         runs = False
     if not runs:
@@ -150,7 +156,7 @@ def _check_closed(account: pwd.struct_passwd, data_dir: Path, site_root: Path) -
             f"the courier user {user} cannot run this Python ({sys.executable}): install fedseg where other users can run "
             f"it (e.g. a venv under /opt), or let {user} pass through the folders above it: setfacl -m u:{user}:x {closed}")
     probe = "import os, sys\nprint(*[p for p in sys.argv[1:] if os.access(p, os.R_OK) or os.access(p, os.X_OK)])"
-    readable = _as_user(uid, gid, probe, str(data_dir.resolve()), str(site_root.resolve())).stdout.split()
+    readable = _as_user(uid, gid, probe, str(data_dir.resolve()), str(site_root.resolve()), groups=groups).stdout.split()
     if readable:
         raise IsolationError(
             f"the courier user {user} can read {', '.join(readable)}: the app bundle the coordinator ships would see "

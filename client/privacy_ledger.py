@@ -85,7 +85,7 @@ class PrivacyLedger:
         path.parent.mkdir(parents=True, exist_ok=True)
         ledger = cls(path, [])
         # A random nonce: no two ledgers ever share a genesis hash, so a replaced one is always caught.
-        genesis = ledger._entry("genesis", {"site": site, "nonce": secrets.token_hex(16)})
+        genesis = ledger._entry("genesis", {"site": site, "nonce": secrets.token_hex(16), "keeps_head": True})
         with open(path, "x") as fh:
             fh.write(json.dumps(genesis, sort_keys=True) + "\n")
         path.chmod(0o600)
@@ -99,6 +99,7 @@ class PrivacyLedger:
         if not path.is_file():
             raise LedgerError(f"the privacy ledger {path} is missing. fedseg never starts a site's ledger again from zero: "
                               "restore it from backup, or ask your privacy officer")
+        head = cls(path, [])._read_head()  # before the lines: a head is written after its line, never ahead of it
         try:
             entries = verify(path.read_text().splitlines())
         except (OSError, UnicodeDecodeError, LedgerError) as err:
@@ -108,9 +109,14 @@ class PrivacyLedger:
             raise LedgerError(f"the privacy ledger {path} is not the one this site's policy names (another genesis): "
                               "restore the site's own ledger from backup")
         ledger = cls(path, entries)
-        head = ledger._read_head()
-        if head is None:  # a ledger from before heads were kept
-            ledger._write_head()
+        if head is None and entries[0].get("keeps_head"):
+            raise LedgerError(f"the privacy ledger's head file {ledger.head_path} is missing: the ledger may have been cut "
+                              "short. It is not recreated: restore both from backup, or ask your privacy officer")
+        if head is None:  # a ledger from before heads were kept: start keeping one, where this user may write
+            try:
+                ledger._write_head()
+            except PermissionError:  # an auditor reading someone else's ledger
+                pass
         elif not (head["seq"] < len(entries) and entries[head["seq"]]["hash"] == head["hash"]):
             raise LedgerError(f"the privacy ledger {path} ends before line {head['seq'] + 1}, which it recorded (cut short, or an "
                               "older backup restored on its own): restore its latest copy, or ask your privacy officer")
@@ -135,7 +141,10 @@ class PrivacyLedger:
 
     def _write_head(self) -> None:
         temporary = self.head_path.with_suffix(".head.tmp")
-        temporary.write_text(json.dumps({"seq": self.entries[-1]["seq"], "hash": self.entries[-1]["hash"]}))
+        with open(temporary, "w") as fh:
+            fh.write(json.dumps({"seq": self.entries[-1]["seq"], "hash": self.entries[-1]["hash"]}))
+            fh.flush()
+            os.fsync(fh.fileno())  # never an empty head after a power cut: that would stop the site for good
         temporary.chmod(0o600)
         os.replace(temporary, self.head_path)
 

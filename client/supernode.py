@@ -153,6 +153,8 @@ def run_site(folder: SiteFolder, guard: SiteGuard, server: str, ca_cert: Path | 
     try:
         code = run_until_stopped(*processes)
     finally:
+        if courier.external:
+            log.warning("stop the courier you started as %s now: its site is gone", courier.user)
         guard_server.shutdown()
         guard_server.server_close()
         shutil.rmtree(courier.socket_dir, ignore_errors=True)

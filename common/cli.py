@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class ConsoleFormat(logging.Formatter):
+    """Progress as plain lines, as a person reads them; warnings and errors say that they are."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return f"{record.levelname}: {message}" if record.levelno >= logging.WARNING else message
+
+
 def configure_logging(verbose: bool) -> None:
     """fedseg's own log (each module's `logging.getLogger(__name__)`, under PACKAGES) as plain lines on
     stdout, INFO and up (DEBUG with --verbose); Flower's own log, through Flower's handler, only with
@@ -62,9 +70,10 @@ def configure_logging(verbose: bool) -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(logging.Formatter("%(message)s"))
+    console.setFormatter(ConsoleFormat())
     for name in PACKAGES:
         logger = logging.getLogger(name)
+        logger.handlers = [h for h in logger.handlers if not isinstance(h.formatter, ConsoleFormat)]  # once, however often called
         logger.addHandler(console)
         logger.setLevel(logging.DEBUG if verbose else logging.INFO)
         logger.propagate = False  # shown once, not again by the root's handler

@@ -6,6 +6,8 @@ import pwd
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +77,22 @@ def test_an_external_courier_must_be_another_existing_user(tmp_path):
         external_courier(tmp_path / "site", tmp_path, "no-such-user-fedseg")
     with pytest.raises(IsolationError, match="another user"):
         external_courier(tmp_path / "site", tmp_path, pwd.getpwuid(os.geteuid()).pw_name)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to the courier user needs root")
+def test_an_external_courier_that_reads_the_data_through_a_group_is_refused(tmp_path):
+    """`sudo -u USER` gives USER its supplementary groups: the check must see the data as USER will."""
+    user = ensure_user("fedseg-grouped")
+    let_courier_run_python(user.pw_name)
+    subprocess.run(["groupadd", "-f", "fedseg-readers"], check=True)
+    subprocess.run(["usermod", "-aG", "fedseg-readers", user.pw_name], check=True)
+    base = Path(tempfile.mkdtemp())  # pytest's own folders are closed to other users: this one is passable
+    try:
+        base.chmod(0o711)
+        data = base / "data"
+        data.mkdir(mode=0o750)
+        shutil.chown(data, group="fedseg-readers")
+        with pytest.raises(IsolationError, match="can read"):
+            external_courier(tmp_path / "site", data, user.pw_name)
+    finally:
+        shutil.rmtree(base)

@@ -144,6 +144,6 @@ def test_the_cli_shows_fedsegs_log_as_plain_lines_on_stdout_and_flowers_once_onl
               "logging.getLogger('simulations.bench').debug('detail'); logging.getLogger('flwr').info('flower chatter')")
     quiet, verbose = (subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True, cwd=REPO)
                       for mode in ("quiet", "verbose"))
-    assert quiet.stdout == "round 1: trained\nplain http\n" and quiet.stderr == ""
-    assert verbose.stdout.startswith("round 1: trained\nplain http\ndetail\n")
+    assert quiet.stdout == "round 1: trained\nWARNING: plain http\n" and quiet.stderr == ""  # a warning says it is one
+    assert verbose.stdout.startswith("round 1: trained\nWARNING: plain http\ndetail\n")
     assert (verbose.stdout + verbose.stderr).count("flower chatter") == 1

@@ -6,9 +6,9 @@ only uses of `time`); neither can be configured. A round waits for its slowest s
 largest of the sites' idle delays: 2.25 s on average at 3 sites, before any site has started. We
 run Flower's own `flower_supernode()` after giving that one module a `time` whose `sleep` is capped
 at `poll` seconds (the local waits at 0.1 s) for `active` seconds after the SuperNode starts or has
-answered a message; nothing else in Flower changes. So during a run a site asks the server for work every `poll` seconds (2 small
-signed requests a second at 0.5 s), and a site idle for longer falls back to Flower's 3 s, which
-keeps the server's and the edge's load and logs as they were between runs.
+answered a message; nothing else in Flower changes. So during a run a site asks the server for work
+every `poll` seconds (2 small signed requests a second at 0.5 s), and a site idle for longer falls
+back to Flower's 3 s, which keeps the server's and the edge's load and logs as they were between runs.
 
 flwr is pinned (pyproject); if its module no longer looks as read here, the command stops with a
 message rather than silently running with Flower's waits.

@@ -14,6 +14,15 @@ from pathlib import Path
 from common.config import RUN_DEFAULTS
 from server.run_options import add_run_options, describe, run_overrides
 
+PATIENTS_HELP = "built-in sites get N to N + N/5 patients each (default: 50 for --size default, 4 for tiny)"
+
+
+def _patients(text: str) -> int:
+    count = int(text)
+    if count < 2:
+        raise argparse.ArgumentTypeError("a site needs at least 2 patients (one trains, one validates)")
+    return count
+
 
 def _default_cache() -> str:
     return os.environ.get("FEDSEG_CACHE", str(Path.home() / ".cache" / "fedseg"))
@@ -34,7 +43,7 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.data_root:
         sites = site_folders(Path(args.data_root))
     else:
-        root = build_federation(Path(args.cache_dir), args.sites, args.seed, args.size)
+        root = build_federation(Path(args.cache_dir), args.sites, args.seed, args.size, args.patients)
         print(f"built-in federation: {root}")
         sites = site_folders(root)
     run_dir = Path(args.resume or args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S"))
@@ -65,7 +74,7 @@ def _demo_data(args: argparse.Namespace) -> int:
     from simulations.federation import build_federation
     from common.site_files import site_folders
 
-    root = build_federation(Path(args.out), args.sites, args.seed, args.size)
+    root = build_federation(Path(args.out), args.sites, args.seed, args.size, args.patients)
     print("synthetic site folders (DICOM series + DICOM-SEG), one per hospital:\n" + "\n".join(f"  {s}" for s in site_folders(root)))
     return 0
 
@@ -102,6 +111,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--epsilon-budget", type=float, default=None, help="each site's patient-level ε budget (default: --epsilon)")
     sim.add_argument("--min-sites", type=int, default=None, help="sites needed per round (default: all)")
     sim.add_argument("--size", choices=("default", "tiny"), default="default", help="built-in federation size")
+    sim.add_argument("--patients", type=_patients, metavar="N", help=PATIENTS_HELP)
     sim.add_argument("--fault", action="append", default=[], metavar="SITE:KIND[,KIND...]",
                      help="make site number SITE faulty, one KIND per round in turn: crash, nan, shape, scale (100x update)")
     sim.add_argument("--out", help="run folder (default runs/simulate-<time>)")
@@ -114,6 +124,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("out", help="folder to write them under")
     demo.add_argument("--sites", type=int, default=3)
     demo.add_argument("--size", choices=("default", "tiny"), default="default")
+    demo.add_argument("--patients", type=_patients, metavar="N", help=PATIENTS_HELP)
     demo.add_argument("--seed", type=int, default=RUN_DEFAULTS["seed"])
     demo.set_defaults(func=_demo_data)
 

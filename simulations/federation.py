@@ -47,15 +47,25 @@ class ScannerProfile:
 
 
 SIZES = {
-    # name: (patients range, matrix choices, slices range)
-    "default": ((40, 50), (96, 112, 128), (6, 8)),
-    "tiny": ((4, 5), (40, 48), (6, 8)),
+    # name: (fewest patients per site, matrix choices, slices range). At least 50 by default: patient-level
+    # DP at ε 8 needs that many per site to learn the small lesion (`fedseg bench`: Dice vs patients).
+    "default": (50, (96, 112, 128), (6, 8)),
+    "tiny": (4, (40, 48), (6, 8)),
 }
 
 
-def site_profiles(num_sites: int, seed: int = 0, size: str = "default") -> list[ScannerProfile]:
+def patient_range(size: str, patients: int | None = None) -> tuple[int, int]:
+    """Sites' patient counts: from `patients` (or the size's default) to a fifth more, so sites differ."""
+    fewest = SIZES[size][0] if patients is None else patients
+    if fewest < 2:
+        raise ValueError(f"a built-in site needs at least 2 patients (one trains, one validates), not {fewest}")
+    return fewest, fewest + max(1, fewest // 5)
+
+
+def site_profiles(num_sites: int, seed: int = 0, size: str = "default", patients: int | None = None) -> list[ScannerProfile]:
     """Deterministic, deliberately different scanners and patient mixes for `num_sites` sites."""
-    patients, matrices, slices = SIZES[size]
+    _, matrices, slices = SIZES[size]
+    patients_range = patient_range(size, patients)
     profiles = []
     for i in range(num_sites):
         rng = np.random.default_rng([seed, i, GENERATOR_VERSION])
@@ -65,7 +75,7 @@ def site_profiles(num_sites: int, seed: int = 0, size: str = "default") -> list[
         profiles.append(
             ScannerProfile(
                 site=f"site-{i + 1:02d}",
-                patients=int(rng.integers(patients[0], patients[1] + 1)),
+                patients=int(rng.integers(patients_range[0], patients_range[1] + 1)),
                 matrix=matrix,
                 pixel_spacing=round(fov / matrix, 3),
                 slices=int(rng.integers(slices[0], slices[1] + 1)),
@@ -162,25 +172,27 @@ def write_patient(profile: ScannerProfile, index: int, out: Path, seed: int) -> 
     write_seg([ds for _, ds in datasets], labels, CLASS_NAMES, out / patient / "SEG" / "labels.dcm", uid_entropy=[str(seed), patient])
 
 
-def federation_dir(cache_root: Path, num_sites: int, seed: int, size: str) -> Path:
-    return cache_root / f"federation-v{GENERATOR_VERSION}-{size}-{num_sites}sites-seed{seed}"
+def federation_dir(cache_root: Path, num_sites: int, seed: int, size: str, patients: int | None = None) -> Path:
+    fewest, most = patient_range(size, patients)
+    return cache_root / f"federation-v{GENERATOR_VERSION}-{size}-{num_sites}sites-{fewest}to{most}patients-seed{seed}"
 
 
-def build_federation(cache_root: str | Path, num_sites: int = 3, seed: int = 0, size: str = "default") -> Path:
+def build_federation(cache_root: str | Path, num_sites: int = 3, seed: int = 0, size: str = "default",
+                     patients: int | None = None) -> Path:
     """The federation's root folder (one subfolder per site), generating it on first use."""
-    root = federation_dir(Path(cache_root), num_sites, seed, size)
+    root = federation_dir(Path(cache_root), num_sites, seed, size, patients)
     if (root / "federation.json").is_file():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
     try:
-        profiles = site_profiles(num_sites, seed, size)
+        profiles = site_profiles(num_sites, seed, size, patients)
         for profile in profiles:
             log.info(f"generating {profile.site}: {profile.patients} patients, {profile.matrix}x{profile.matrix}x{profile.slices} "
                      f"@ {profile.pixel_spacing:.2f}x{profile.slice_thickness} mm, noise {profile.noise_hu} HU, lesion prevalence {profile.lesion_prevalence}")
             for index in range(profile.patients):
                 write_patient(profile, index, tmp / profile.site, seed)
-        (tmp / "federation.json").write_text(json.dumps({"generator_version": GENERATOR_VERSION, "seed": seed, "size": size,
+        (tmp / "federation.json").write_text(json.dumps({"generator_version": GENERATOR_VERSION, "seed": seed, "size": size, "patients": patient_range(size, patients),
                                                          "sites": [asdict(p) for p in profiles]}, indent=2))
         if root.exists():  # a partial folder from an interrupted run: never trusted, replaced whole
             shutil.rmtree(root)

@@ -1,5 +1,6 @@
 """The exact patient count does not leave in the size of the noise: Opacus divides the noisy sum
-by the expected batch, planned on the binned count, so two sites in one bin scale their updates alike."""
+by the expected batch, planned on the binned count, so two sites in one bin scale their updates alike,
+and each samples that planned batch from the patients it holds (steps as long as the run asks)."""
 
 import math
 
@@ -17,7 +18,8 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def test_update_scale_depends_on_the_patient_bin_not_the_exact_count(tiny_site, tmp_path, monkeypatch):
-    guard, _ = open_guard(SiteState(tmp_path / "state"), "north", tiny_site, {"epsilon_budget": 20.0, "delta": 1e-3, "example_count_bin": 2})
+    guard, _ = open_guard(SiteState(tmp_path / "state"), "north", tiny_site, {"epsilon_budget": 20.0, "delta": 1e-3, "example_count_bin": 2,
+                                                                                  "validation_fraction": 0.0})  # one validates: 3+ train
     patients = guard.data(("background", "organ", "lesion"), 16).train
     assert len(patients) >= 3
     config = run_config({"image-size": 16, "local-epochs": 1, "batch-size": 1, "noise-multiplier": 1.0, "target-epsilon": math.inf, "delta": 1e-3})
@@ -29,8 +31,16 @@ def test_update_scale_depends_on_the_patient_bin_not_the_exact_count(tiny_site, 
         scales.append(kwargs["expected_batch_size"])
         real_init(self, optimizer, **kwargs)
     monkeypatch.setattr(training.DPOptimizer, "__init__", recording)
+    expected_sampled = []
+    real_sampler = training.UniformWithReplacementSampler
+
+    def sampler(*, num_samples, sample_rate, **kwargs):
+        expected_sampled.append(num_samples * sample_rate)
+        return real_sampler(num_samples=num_samples, sample_rate=sample_rate, **kwargs)
+    monkeypatch.setattr(training, "UniformWithReplacementSampler", sampler)
     for count in (2, 3):  # one bin of 2: the site plans on 2 patients whichever it holds
         planned = guard.policy.binned_down(count)
         plan = training.plan_round(settings, planned, guard.policy.delta)
         training.train_round(build_model(3), patients[:count], settings, plan, 1, torch.device("cpu"))
     assert scales == [1.0, 1.0]  # sampling rate 1 / 2 x the 2 planned patients, not x 2 and x 3
+    assert expected_sampled == pytest.approx([1.0, 1.0])  # 1 patient expected per step from 2 and from 3, not 1.5 from 3

@@ -19,13 +19,14 @@ from typing import Any, get_type_hints
 class Option:
     """One run-config key. Its value type is its default's type. `flag` is its `fedseg run`/`simulate`
     option (None: set in pyproject.toml or by the command itself), `help` that flag's help (argparse
-    expands %(default)s). `to_sites`: part of what each site is sent every round. `resumable`: a resumed
-    run may change it; the rest comes from the run's own record."""
+    expands %(default)s), `metavar` its value's name there. `to_sites`: part of what each site is sent
+    every round. `resumable`: a resumed run may change it; the rest comes from the run's own record."""
 
     default: Any
     help: str = ""
     flag: str | None = None
     choices: tuple[str, ...] = ()
+    metavar: str | None = None
     to_sites: bool = False
     resumable: bool = False
 
@@ -53,9 +54,9 @@ OPTIONS: dict[str, Option] = {
     "image-size": Option(64, "slices are resampled to this many pixels a side", flag="image-size", to_sites=True),
     # Chosen by the coordinator for the task (the default: abdominal soft tissue; bone: -200,1500), the
     # same for every patient and independent of the data: it costs no privacy.
-    "ct-window": Option("-160,240", "CT intensity window 'LOW,HIGH' in HU, mapped to [0, 1] (MR: each volume's own "
-                        "percentiles); a negative LOW needs '=': --ct-window=-200,1500 (default %(default)s)",
-                        flag="ct-window", to_sites=True),
+    "ct-window": Option("-160,240", "CT intensity window in HU, mapped to [0, 1] (MR: each volume's own percentiles); "
+                        "a negative LOW needs '=': --ct-window=-200,1500 (default %(default)s)",
+                        flag="ct-window", metavar="LOW,HIGH", to_sites=True),
     "classes": Option("organ,lesion", "foreground classes, matched to SEG segment labels (default %(default)s)",
                       flag="classes", to_sites=True),
     "val-fraction": Option(0.25, to_sites=True),

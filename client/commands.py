@@ -80,6 +80,7 @@ def _site(args: argparse.Namespace) -> int:
     from client.privacy_ledger import LedgerError
     from client.site_policy import PolicyError
     from client.supernode import SiteError, SiteFolder, run_site
+    from common.dataset import Preprocessing
     from common.dicomweb import is_dicomweb
 
     folder = SiteFolder(Path(args.site_dir))
@@ -94,7 +95,7 @@ def _site(args: argparse.Namespace) -> int:
     try:
         guard, _ = open_guard(folder.state, name, data.resolve())
         classes = ("background", *guard.policy.classes)
-        site_data = guard.load(classes, int(RUN_DEFAULTS["image-size"]))
+        site_data = guard.load(classes, Preprocessing.from_config(RUN_DEFAULTS))
         print(site_data.report.format())
         print(f"{name}: {len(site_data.train)} training patients ({site_data.train_slices} slices), {len(site_data.validation)} "
               f"validation patients; {budget_line(guard)}", flush=True)

@@ -28,7 +28,7 @@ from client.site_state import SiteState
 from client.training import RoundPlan, evaluate, plan_round, train_round
 from common.array_codec import Arrays, arrays_sha256
 from common.config import TrainSettings, class_names
-from common.dataset import SiteData, load_site
+from common.dataset import Preprocessing, SiteData, load_site
 from common.model import build_model, pick_device
 from common.parameters import load_arrays, model_arrays
 from common.site_reply import VALIDATE_RECEIVED
@@ -72,21 +72,21 @@ class SiteGuard:
         self.name, self.data_dir, self.policy, self.ledger = name, str(data_dir), policy, ledger
         self.device = device or pick_device()
 
-    def load(self, classes: tuple[str, ...], image_size: int) -> SiteData:
-        """The site's data as the run needs it, loaded once per (classes, size) and kept warm.
+    def load(self, classes: tuple[str, ...], preprocessing: Preprocessing) -> SiteData:
+        """The site's data as the run needs it, loaded once per (classes, preprocessing) and kept warm.
         Raises ValueError/OSError with the full detail: for the site's own console and log only."""
-        data = load_site(self.data_dir, classes, image_size, self.policy.validation_fraction, self.policy.split_key)
+        data = load_site(self.data_dir, classes, preprocessing, self.policy.validation_fraction, self.policy.split_key)
         if not data.train:
             raise ValueError(f"site folder {self.data_dir} has no training patients (all {len(data.validation)} validate)")
         self.policy.check_patients(len(data.train))
         return data
 
-    def data(self, classes: tuple[str, ...], image_size: int) -> SiteData:
+    def data(self, classes: tuple[str, ...], preprocessing: Preprocessing) -> SiteData:
         """`load` for a request: what went wrong stays in the site's log, only the code leaves."""
         try:
-            return self.load(classes, image_size)
+            return self.load(classes, preprocessing)
         except (OSError, ValueError) as err:
-            log.error("%s: the data cannot be used for classes %s at %d px: %s", self.name, classes, image_size, err)
+            log.error("%s: the data cannot be used for classes %s with %s: %s", self.name, classes, preprocessing, err)
             raise Refusal("data_unusable") from err
 
     def handle(self, header: Mapping[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
@@ -127,23 +127,23 @@ class SiteGuard:
         except (LedgerError, OSError):
             log.exception("%s: could not record a refusal in the ledger", self.name)
 
-    def _settings(self, server_round: int, settings: Mapping[str, Any]) -> tuple[TrainSettings, tuple[str, ...], int]:
+    def _settings(self, server_round: int, settings: Mapping[str, Any]) -> tuple[TrainSettings, tuple[str, ...], Preprocessing]:
         try:
             train = TrainSettings.from_config({**settings, "server-round": server_round})
             classes = tuple(class_names(settings))
-            size = int(settings["image-size"])
+            preprocessing = Preprocessing.from_config(settings)  # the CT window is range-checked here
         except (KeyError, TypeError, ValueError) as err:
             raise Refusal("bad_request") from err
         in_range = all(lo <= getattr(train, name) <= hi for name, (lo, hi) in RANGES.items())
         target_ok = train.target_epsilon == math.inf or 0.05 <= train.target_epsilon <= 100
-        if (not in_range or not target_ok or size not in IMAGE_SIZES or server_round < 0 or len(classes) < 2
+        if (not in_range or not target_ok or preprocessing.image_size not in IMAGE_SIZES or server_round < 0 or len(classes) < 2
                 or len(set(classes)) != len(classes)):
             raise Refusal("bad_request")
         if not set(classes[1:]) <= set(self.policy.classes):
             raise Refusal("class_not_in_policy")
         if not 0 < train.delta <= self.policy.delta:
             raise Refusal("delta_above_policy")
-        return train, classes, size
+        return train, classes, preprocessing
 
     def _model(self, classes: tuple[str, ...], arrays: Arrays) -> torch.nn.Module:
         model = build_model(len(classes))
@@ -168,11 +168,11 @@ class SiteGuard:
         return plan
 
     def train(self, run: str, server_round: int, request: Mapping[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
-        settings, classes, size = self._settings(server_round, request)
-        data = self.data(classes, size)
+        settings, classes, preprocessing = self._settings(server_round, request)
+        data = self.data(classes, preprocessing)
         # From here: the site's work on the request (model, planning, training). A first load of the data
-        # for these classes and size stays outside: the coordinator could force one, and its time says
-        # how many files and patients the site holds.
+        # for these classes and preprocessing stays outside: the coordinator could force one, and its
+        # time says how many files and patients the site holds.
         started = time.perf_counter()
         model = self._model(classes, arrays)
         plan = self.plan(settings, len(data.train))
@@ -196,8 +196,8 @@ class SiteGuard:
         return {"status": "ok", "code": "", "site": self.name, "metrics": metrics}, out
 
     def validate(self, run: str, server_round: int, request: Mapping[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
-        settings, classes, size = self._settings(server_round, request)
-        data = self.data(classes, size)
+        settings, classes, preprocessing = self._settings(server_round, request)
+        data = self.data(classes, preprocessing)
         started = time.perf_counter()  # as for training: the data's first load stays outside
         model = self._model(classes, arrays)
         if not data.validation:

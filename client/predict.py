@@ -17,7 +17,7 @@ import torch
 from pydicom.sr.codedict import codes
 
 from common.config import class_names
-from common.dataset import normalise
+from common.dataset import Preprocessing, normalise
 from common.dicom_bounds import read_dicom
 from common.dicom_io import LPS_TO_RAS, LoadReport, Series, decode_series, image_series, voxel_to_patient
 from common.inference import segment_series
@@ -62,8 +62,9 @@ def write_nifti(series: Series, mask: np.ndarray, path: Path) -> Path:
     return path
 
 
-def write_quick_look(series: Series, mask: np.ndarray, names: list[str], path: Path, slices: int = 8) -> Path:
-    image = normalise(series.volume, series.modality)
+def write_quick_look(series: Series, mask: np.ndarray, names: list[str], path: Path, ct_window: tuple[float, float],
+                     slices: int = 8) -> Path:
+    image = normalise(series.volume, series.modality, ct_window)  # as the model saw it
     panels = [(image[k], mask[k], f"slice {k + 1}/{len(mask)}") for k in most_labelled_slices(mask, slices)]
     return draw_overlays(panels, names, path, f"patient {series.patient_id} - {series.modality} series ...{series.uid[-12:]}")
 
@@ -78,12 +79,13 @@ def predict_series(global_model: GlobalModel, series: Series, stem: Path, device
     """Segment one series and write its SEG (referencing the series' own files, read again in full)
     and the optional NIfTI and PNG at `stem`; also the classes' pixel counts, for the log line."""
     names = class_names(global_model.config)
-    mask = segment_series(global_model.model, series, int(global_model.config["image-size"]), device)
+    preprocessing = Preprocessing.from_config(global_model.config)  # as the model was trained
+    mask = segment_series(global_model.model, series, preprocessing, device)
     seg = stem.with_name(f"{stem.name}.seg.dcm")
     write_seg([read_dicom(p) for p in series.paths], mask, names, seg, algorithm=algorithm(global_model))
     prediction = Prediction(series.patient_id, series.uid, len(mask), seg,
                             write_nifti(series, mask, stem.with_name(f"{stem.name}.nii.gz")) if nifti else None,
-                            write_quick_look(series, mask, names, stem.with_name(f"{stem.name}.png")) if png else None)
+                            write_quick_look(series, mask, names, stem.with_name(f"{stem.name}.png"), preprocessing.ct_window) if png else None)
     return prediction, ", ".join(f"{names[c]} {int((mask == c).sum())} px" for c in range(1, len(names)))
 
 

@@ -1,6 +1,7 @@
 """The run configuration: one declaration per key, from which come the defaults (for the ServerApp,
 `fedseg simulate` and the CLI), the `fedseg run`/`simulate` flags (server/run_options.py), the keys
-sent to sites, the keys a resumed run may change, and a site's TrainSettings.
+sent to sites, the keys a resumed run may change, and a site's TrainSettings. The values a flag or
+pyproject cannot check by type alone (a choice, the CT window) are checked in `run_config`.
 
 `pyproject.toml`'s `[tool.flwr.app.config]` mirrors `RUN_DEFAULTS` (a test keeps them equal), so a
 `flwr run` deployment and a local simulation start from the same numbers.
@@ -18,17 +19,19 @@ from typing import Any, get_type_hints
 class Option:
     """One run-config key. Its value type is its default's type. `flag` is its `fedseg run`/`simulate`
     option (None: set in pyproject.toml or by the command itself), `help` that flag's help (argparse
-    expands %(default)s). `to_sites`: part of what each site is sent every round. `resumable`: a resumed
-    run may change it; the rest comes from the run's own record."""
+    expands %(default)s), `metavar` its value's name there. `to_sites`: part of what each site is sent
+    every round. `resumable`: a resumed run may change it; the rest comes from the run's own record."""
 
     default: Any
     help: str = ""
     flag: str | None = None
     choices: tuple[str, ...] = ()
+    metavar: str | None = None
     to_sites: bool = False
     resumable: bool = False
 
 
+HU_BOUNDS = (-2048.0, 4096.0)  # what a CT window may span: the lung window reaches -1350 HU, bone +1500 and more
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 
 OPTIONS: dict[str, Option] = {
@@ -49,6 +52,11 @@ OPTIONS: dict[str, Option] = {
     "max-grad-norm": Option(1.0, "DP-SGD clipping norm of one patient's gradient", flag="max-grad-norm", to_sites=True),
     "delta": Option(1e-5, "δ the run asks for; a deployed site uses its own policy's", flag="delta", to_sites=True),
     "image-size": Option(64, "slices are resampled to this many pixels a side", flag="image-size", to_sites=True),
+    # Chosen by the coordinator for the task (the default: abdominal soft tissue; bone: -200,1500), the
+    # same for every patient and independent of the data: it costs no privacy.
+    "ct-window": Option("-160,240", "CT intensity window in HU, mapped to [0, 1] (MR: each volume's own percentiles); "
+                        "a negative LOW needs '=': --ct-window=-200,1500 (default %(default)s)",
+                        flag="ct-window", metavar="LOW,HIGH", to_sites=True),
     "classes": Option("organ,lesion", "foreground classes, matched to SEG segment labels (default %(default)s)",
                       flag="classes", to_sites=True),
     "val-fraction": Option(0.25, to_sites=True),
@@ -117,7 +125,21 @@ def run_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     for key, option in OPTIONS.items():
         if option.choices and merged[key] not in option.choices:
             raise ValueError(f"{key} must be one of {option.choices}, got {merged[key]!r}")
+    parse_ct_window(merged["ct-window"])
     return merged
+
+
+def parse_ct_window(text: str) -> tuple[float, float]:
+    """'LOW,HIGH' in HU -> (LOW, HIGH); anything else (not two finite numbers, LOW >= HIGH, outside
+    HU_BOUNDS) is a ValueError that says what is expected."""
+    try:
+        low, high = (float(part) for part in str(text).split(","))
+    except ValueError:
+        low = high = math.nan
+    if not HU_BOUNDS[0] <= low < high <= HU_BOUNDS[1]:  # False for NaN
+        raise ValueError(f"ct-window must be 'LOW,HIGH' in HU with {HU_BOUNDS[0]:g} <= LOW < HIGH <= {HU_BOUNDS[1]:g}, "
+                         f"got {text!r}")
+    return low, high
 
 
 def class_names(config: Mapping[str, Any]) -> list[str]:

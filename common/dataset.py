@@ -1,10 +1,12 @@
 """Site series -> preprocessed 2D training slices and 3D validation volumes, split by patient.
 
-Preprocessing is modality-aware (CT: a fixed HU window, so calibrated scanners agree; MR and others:
-per-volume percentiles, since their intensities have no absolute scale) and resamples every slice to
-one in-plane size. Each patient is processed from its own volume alone (patient-level DP needs
-that). The split is by patient and chosen by the site (a keyed hash of the PatientID), never by the
-server: slices of one patient never sit on both sides, and an added patient moves no other.
+Preprocessing (`Preprocessing`: one object, from the run config, so that training, validation, the
+report and prediction prepare images identically) is modality-aware — CT: the run's fixed HU window
+(`ct-window`, abdominal soft tissue by default), so calibrated scanners agree; MR and others: each
+volume's own 1st-99th percentiles, since their intensities have no absolute scale — and resamples
+every slice to one in-plane size. Each patient is processed from its own volume alone (patient-level
+DP needs that). The split is by patient and chosen by the site (a keyed hash of the PatientID), never
+by the server: slices of one patient never sit on both sides, and an added patient moves no other.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from monai.transforms import (
@@ -28,9 +31,23 @@ from monai.transforms import (
     ScaleIntensityRangePercentiles,
 )
 
+from common.config import RUN_DEFAULTS, parse_ct_window
 from common.dicom_io import LabelledSeries, LoadReport, Series, load_site_series
 
-CT_WINDOW = (-160.0, 240.0)  # abdominal soft-tissue window, HU
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a series becomes what the model sees. Made from the run config (`from_config`), the same
+    one in training and prediction. Hashable: it keys the site's cache of loaded data."""
+
+    image_size: int
+    ct_window: tuple[float, float]  # HU mapped to [0, 1]
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Preprocessing:
+        """From a run config (as sent to a site, or saved in a checkpoint). One without `ct-window` is
+        from before the option, when every CT was windowed at its default. A bad value is a ValueError."""
+        return cls(int(config["image-size"]), parse_ct_window(config.get("ct-window", RUN_DEFAULTS["ct-window"])))
 
 
 @dataclass
@@ -64,28 +81,30 @@ class SiteData:
         return sum(len(p.images) for p in self.train)
 
 
-def normalise(volume: np.ndarray, modality: str) -> np.ndarray:
+def normalise(volume: np.ndarray, modality: str, ct_window: tuple[float, float]) -> np.ndarray:
+    """Intensities in [0, 1]: CT through `ct_window` (HU), anything else by its own percentiles."""
     if modality == "CT":
-        scale = ScaleIntensityRange(a_min=CT_WINDOW[0], a_max=CT_WINDOW[1], b_min=0.0, b_max=1.0, clip=True)
+        scale = ScaleIntensityRange(a_min=ct_window[0], a_max=ct_window[1], b_min=0.0, b_max=1.0, clip=True)
     else:
         scale = ScaleIntensityRangePercentiles(lower=1, upper=99, b_min=0.0, b_max=1.0, clip=True)
     return np.asarray(scale(volume), dtype=np.float32)
 
 
-def prepare_image(series: Series, size: int) -> np.ndarray:
+def prepare_image(series: Series, preprocessing: Preprocessing) -> np.ndarray:
     """What the model sees of a series, in training and in prediction alike: windowed/normalised,
-    each slice resampled to size x size. [slices, 1, size, size] float32."""
-    image = Resize((size, size), mode="bilinear", anti_aliasing=True)(normalise(series.volume, series.modality))
+    each slice resampled to S x S (the image size). [slices, 1, S, S] float32."""
+    size = preprocessing.image_size
+    image = Resize((size, size), mode="bilinear", anti_aliasing=True)(normalise(series.volume, series.modality, preprocessing.ct_window))
     return np.asarray(image, dtype=np.float32)[:, None]
 
 
-def preprocess(ls: LabelledSeries, size: int) -> Volume:
+def preprocess(ls: LabelledSeries, preprocessing: Preprocessing) -> Volume:
     """The image as the model sees it, and the mask resampled with it (nearest neighbour)."""
-    s = ls.series
+    s, size = ls.series, preprocessing.image_size
     mask = Resize((size, size), mode="nearest")(ls.mask.astype(np.float32))
     rows, cols = s.volume.shape[1:]
     spacing = (s.spacing[0], s.spacing[1] * rows / size, s.spacing[2] * cols / size)
-    return Volume(s.patient_id, prepare_image(s, size), np.asarray(mask).astype(np.uint8), spacing)
+    return Volume(s.patient_id, prepare_image(s, preprocessing), np.asarray(mask).astype(np.uint8), spacing)
 
 
 def split_patients(patients: Sequence[str], val_fraction: float, key: bytes) -> tuple[list[str], list[str]]:
@@ -103,11 +122,12 @@ def split_patients(patients: Sequence[str], val_fraction: float, key: bytes) -> 
 
 
 @functools.lru_cache(maxsize=8)
-def load_site(folder: str, class_names: tuple[str, ...], size: int, val_fraction: float, split_key: bytes = b"") -> SiteData:
+def load_site(folder: str, class_names: tuple[str, ...], preprocessing: Preprocessing, val_fraction: float,
+              split_key: bytes = b"") -> SiteData:
     """Load once per process (the site guard keeps it warm)."""
     labelled, report = load_site_series(Path(folder), class_names)
     train_ids, val_ids = split_patients([ls.series.patient_id for ls in labelled], val_fraction, split_key)
-    volumes = [(ls.series.patient_id, preprocess(ls, size)) for ls in labelled]
+    volumes = [(ls.series.patient_id, preprocess(ls, preprocessing)) for ls in labelled]
     train = [Patient(pid, np.concatenate([v.image for p, v in volumes if p == pid]),
                      np.concatenate([v.mask for p, v in volumes if p == pid])[:, None]) for pid in train_ids]
     return SiteData(folder=folder, train=train, validation=[v for p, v in volumes if p in val_ids], report=report)

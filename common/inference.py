@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import SliceInferer
 
-from common.dataset import prepare_image
+from common.dataset import Preprocessing, prepare_image
 from common.dicom_io import Series
 
 
@@ -28,11 +28,13 @@ def predict_labels(model: torch.nn.Module, image: np.ndarray, device: torch.devi
 
 
 @torch.no_grad()
-def segment_series(model: torch.nn.Module, series: Series, image_size: int, device: torch.device, batch: int = 32) -> np.ndarray:
-    """Class indices, [slices, rows, cols] uint8, aligned with `series.volume`. Class scores are
+def segment_series(model: torch.nn.Module, series: Series, preprocessing: Preprocessing, device: torch.device,
+                   batch: int = 32) -> np.ndarray:
+    """Class indices, [slices, rows, cols] uint8, aligned with `series.volume`, of the series prepared
+    as the model was trained (`preprocessing`, from its run config). Class scores are
     upsampled before the argmax, `batch` slices at a time, so boundaries are smooth at the original
     resolution and full-resolution scores are never held for the whole series."""
-    logits = slice_logits(model, prepare_image(series, image_size), device, batch)
+    logits = slice_logits(model, prepare_image(series, preprocessing), device, batch)
     rows, cols = series.volume.shape[1:]
     masks = [F.interpolate(chunk.to(device), size=(rows, cols), mode="bilinear", align_corners=False).argmax(dim=1).to(torch.uint8).cpu()
              for chunk in logits.split(batch)]

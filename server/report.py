@@ -86,14 +86,14 @@ def _participation(history: RunHistory, path: Path) -> Path:
 def _overlays(run_dir: Path, site_dirs: Sequence[str], path: Path, per_site: int = 2) -> Path | None:
     """Truth and prediction side by side on one patient per site, on its slices with the most
     foreground (drawn only where the data is: a simulation's researcher, or at the site itself)."""
-    from common.dataset import load_site
+    from common.dataset import Preprocessing, load_site
     from common.inference import predict_labels
 
     global_model = load_global_model(run_dir)
     names = class_names(global_model.config)
     panels = []
     for folder in site_dirs:
-        data = load_site(folder, tuple(names), int(global_model.config["image-size"]), float(global_model.config["val-fraction"]))
+        data = load_site(folder, tuple(names), Preprocessing.from_config(global_model.config), float(global_model.config["val-fraction"]))
         if not data.validation:
             continue
         volume = data.validation[0]

@@ -25,7 +25,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         if option.flag is None:
             continue
         help_text = f"{option.help} (default {option.default:g})" if option.resumable else option.help
-        parser.add_argument(f"--{option.flag}", type=type(option.default), choices=option.choices or None,
+        parser.add_argument(f"--{option.flag}", type=type(option.default), choices=option.choices or None, metavar=option.metavar,
                             default=None if option.resumable else option.default, help=help_text or None)
     changeable = [f"--{option.flag}" for option in OPTIONS.values() if option.resumable and option.flag]
     parser.add_argument("--resume", metavar="RUN_DIR",

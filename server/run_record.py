@@ -301,7 +301,8 @@ class RunRecord:
     @classmethod
     def resume(cls, run_dir: str | Path, config: dict[str, Any]) -> tuple[RunRecord, dict[str, Any], int]:
         """The record of an interrupted run, cut back to its last completed round, and that round's
-        checkpoint. Only `config`'s RESUMABLE keys override the run's own configuration."""
+        checkpoint. Only `config`'s RESUMABLE keys override the run's own configuration; keys the run
+        predates (`ct-window`) take `config`'s, their defaults, which is what the run used."""
         from common.config import RESUMABLE
 
         run_dir = Path(run_dir)
@@ -314,7 +315,7 @@ class RunRecord:
             raise ResumeError(f"cannot resume from {run_dir}: no round was completed")
         last = completed.round
         checkpoint = torch.load(run_dir / "checkpoints" / f"global_model-round{last:03d}.pt", weights_only=True)
-        record = cls(run_dir, {**history.config, **{k: config[k] for k in RESUMABLE if k in config}})
+        record = cls(run_dir, {**config, **history.config, **{k: config[k] for k in RESUMABLE if k in config}})
         record.rounds = {r.round: r.to_json() for r in history.rounds if r.round <= last}
         record.site_nodes = dict(history.site_nodes)
         record.events = [e.to_json() for e in history.events]

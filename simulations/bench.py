@@ -28,7 +28,7 @@ import numpy as np
 
 from client.site_policy import SitePolicy
 from common.config import class_names
-from common.dataset import SiteData, load_site
+from common.dataset import Preprocessing, SiteData, load_site
 from common.processes import descendants
 from server.run_record import RunHistory, cell, history_number
 
@@ -124,7 +124,7 @@ SLICES_PER_PATIENT = SitePolicy().slices_per_patient
 
 def _site_data(site_dir: str, config: dict[str, Any]) -> SiteData:
     """A site's patients as a bench run sees them (a fixed split: the bench is the researcher's own)."""
-    return load_site(site_dir, tuple(class_names(config)), int(config["image-size"]), float(config["val-fraction"]))
+    return load_site(site_dir, tuple(class_names(config)), Preprocessing.from_config(config), float(config["val-fraction"]))
 
 
 def centralised(plan: Plan, site_dirs: list[str]) -> dict[str, Any]:

@@ -33,6 +33,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from client.site_policy import PolicyError
     from simulations.faults import parse_faults
     from simulations.federation import build_federation
+    from common.dataset import Preprocessing
     from common.site_files import site_folders
     from simulations.simulate import SimulationError, budget_for, prepare_sites, run_simulation, site_policy_for
 
@@ -57,7 +58,7 @@ def _simulate(args: argparse.Namespace) -> int:
         guards = prepare_sites(sites, state_root, site_policy_for(overrides, budget))
         if args.data_root:  # foreign data: show each site's load report before spending minutes on Ray
             for guard in guards:
-                print(guard.load(("background", *guard.policy.classes), int(overrides["image-size"])).report.format())
+                print(guard.load(("background", *guard.policy.classes), Preprocessing.from_config(overrides)).report.format())
     except (PolicyError, LedgerError, ValueError, OSError) as err:
         raise SimulationError(f"cannot simulate: {err}") from err
     print(f"{'resuming ' + str(run_dir) if args.resume else 'simulating'}: {len(sites)} sites, {describe(overrides)}, "

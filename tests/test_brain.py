@@ -5,7 +5,8 @@ import json
 
 import numpy as np
 
-from common.dataset import load_site
+from common.config import run_config
+from common.dataset import Preprocessing, load_site
 from simulations.brain import CLASS_NAMES, build_brain_federation
 
 
@@ -13,7 +14,7 @@ def test_brain_sites_load_as_labelled_mr_series_with_both_tissues(tmp_path):
     root = build_brain_federation(tmp_path, num_sites=1, seed=0, size="tiny")
     meta = json.loads((root / "federation.json").read_text())
     assert meta["classes"] == ["grey-matter", "white-matter"] and [s["site"] for s in meta["sites"]] == ["brain-01"]
-    site = load_site(str(root / "brain-01"), CLASS_NAMES, 32, 0.25)
+    site = load_site(str(root / "brain-01"), CLASS_NAMES, Preprocessing.from_config(run_config({"image-size": 32})), 0.25)
     assert not site.report.skipped and len(site.report.used) == 3  # every patient's series, with its SEG
     labels = np.concatenate([p.masks.ravel() for p in site.train])
     fractions = [(labels == c).mean() for c in (1, 2)]

@@ -21,6 +21,7 @@ from client.guard_socket import GuardClient, GuardServer, PREFIX, MAGIC
 from client.privacy_ledger import LedgerError, PrivacyLedger
 from common.array_codec import arrays_sha256
 from common.config import SITE_KEYS, run_config
+from common.dataset import Preprocessing
 from common.model import build_model
 from common.parameters import model_arrays
 from common.site_reply import VALIDATE_RECEIVED, weights_content, weights_of
@@ -98,7 +99,7 @@ def test_one_message_validates_the_weights_it_brings_then_trains_on_them(tiny_si
 
 def test_patient_level_epsilon_is_opacus_rdp_over_patient_sampling_and_survives_a_new_run(tiny_site, tmp_path):
     guard = _guard(tmp_path, tiny_site)
-    patients = len(guard.data(("background", "organ", "lesion"), 32).train)
+    patients = len(guard.data(("background", "organ", "lesion"), Preprocessing.from_config(run_config(SETTINGS))).train)
     q = min(1.0, SETTINGS["batch-size"] / patients)
     steps_each = round(SETTINGS["local-epochs"] / q)
     epsilons, steps = [], 0
@@ -175,6 +176,26 @@ def test_released_sigma_and_epsilon_depend_on_the_patient_bin_not_the_exact_coun
     plans = {n: guard.plan(settings, n) for n in (41, 44, 49)}
     assert len(set(plans.values())) == 1 and plans[41].sample_rate == 16 / 40
     assert guard.plan(settings, 51) != plans[41]
+
+
+def test_the_ct_window_comes_with_the_rounds_config_and_a_bad_one_is_a_bad_request(tiny_site, tmp_path, monkeypatch):
+    """The coordinator chooses the window for the task (the same for every patient: no privacy cost);
+    the site prepares its patients with it. Its value is the courier's to send, so it is checked."""
+    import client.guard as guard_module
+
+    guard, used, real_load = _guard(tmp_path, tiny_site), [], guard_module.load_site
+    monkeypatch.setattr(guard_module, "load_site", lambda folder, classes, preprocessing, *rest:
+                        used.append(preprocessing) or real_load(folder, classes, preprocessing, *rest))
+    assert _call(guard, MessageType.EVALUATE, 0, **{"ct-window": "-200,1500"}).content["site"]["status"] == "ok"
+    assert used == [Preprocessing(32, (-200.0, 1500.0))]
+    weights = model_arrays(build_model(3))
+    older = {k: v for k, v in _request(0).items() if k != "ct-window"}  # a server from before the option
+    reply, _ = guard.handle({"op": "validate", "run": "older", "round": 0, "settings": older}, weights)
+    assert reply["status"] == "ok" and used[-1] == Preprocessing(32, (-160.0, 240.0))
+    for bad in ("1500,-200", "-160", "nan,240", "-160,1e9", 240.0, [-160, 240]):
+        reply, out = guard.handle({"op": "validate", "run": "bad", "round": 0, "settings": {**_request(0), "ct-window": bad}}, weights)
+        assert (reply["status"], reply["code"], out) == ("refused", "bad_request", {}), bad
+    assert len(used) == 2  # a refused window never reached the data
 
 
 def test_noise_cannot_be_replayed_from_the_run_config(tiny_site, tmp_path):

@@ -4,7 +4,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.dataset import prepare_image
+from common.config import run_config
+from common.dataset import Preprocessing, prepare_image
 from common.dicom_io import Series
 from common.inference import predict_labels, segment_series, slice_logits
 from common.model import build_model
@@ -53,8 +54,9 @@ def test_segment_series_upsamples_each_slices_scores_to_the_series_grid():
     volume = np.random.default_rng(1).normal(0, 100, (5, 48, 40)).astype(np.float32)
     series = Series(uid="1.2.3", patient_id="P", modality="CT", sop_uids=[], volume=volume, spacing=(3.0, 1.0, 1.0),
                     origin=np.zeros(3), orientation=np.array([1.0, 0, 0, 0, 1, 0]))
-    mask = segment_series(model, series, 16, torch.device("cpu"), batch=2)
-    scores = F.interpolate(_one_by_one(model, prepare_image(series, 16)), size=(48, 40), mode="bilinear", align_corners=False)
+    preprocessing = Preprocessing.from_config(run_config({"image-size": 16}))
+    mask = segment_series(model, series, preprocessing, torch.device("cpu"), batch=2)
+    scores = F.interpolate(_one_by_one(model, prepare_image(series, preprocessing)), size=(48, 40), mode="bilinear", align_corners=False)
     decided = _decided(scores).numpy()
     assert mask.shape == volume.shape and mask.dtype == np.uint8
     np.testing.assert_array_equal(mask[decided], scores.argmax(dim=1).numpy()[decided])

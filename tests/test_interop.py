@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from common.config import run_config
+from common.dataset import Preprocessing
 from common.dicom_io import LoadReport, decode_series, image_series, read_nifti_mask, read_seg_mask
 from common.dicomweb import push
 from common.inference import segment_series
@@ -70,7 +71,8 @@ def test_predicted_seg_passes_dciodvfy_references_its_series_and_reads_back_as_t
     loaded = LoadReport(str(patient))
     [files] = image_series(patient, loaded)  # as `fedseg predict` reads it
     series = decode_series(files, loaded)
-    expected = segment_series(load_global_model(model).model, series, 32, torch.device("cpu"))
+    global_model = load_global_model(model)
+    expected = segment_series(global_model.model, series, Preprocessing.from_config(global_model.config), torch.device("cpu"))
     assert {1, 2} <= set(np.unique(expected))  # the check below compares real segments, not empty ones
     seg_path = next((tmp_path / "out").rglob("*.seg.dcm"))
     check = subprocess.run([dciodvfy, str(seg_path)], capture_output=True, text=True, timeout=120)
@@ -84,7 +86,7 @@ def test_predicted_seg_passes_dciodvfy_references_its_series_and_reads_back_as_t
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series.uid
     assert {str(s.SegmentLabel) for s in seg.SegmentSequence} == {"organ", "lesion"}
     algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
-    assert load_global_model(model).sha256[:16] in algorithm.AlgorithmVersion and algorithm.AlgorithmName == "fedseg U-Net"
+    assert global_model.sha256[:16] in algorithm.AlgorithmVersion and algorithm.AlgorithmName == "fedseg U-Net"
     assert seg.PatientID == series.patient_id and seg.StudyInstanceUID == pydicom.dcmread(series.paths[0]).StudyInstanceUID
     png = next((tmp_path / "out").rglob("*.png")).read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000

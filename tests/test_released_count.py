@@ -10,6 +10,7 @@ import client.training as training
 from client.guard import open_guard
 from client.site_state import SiteState
 from common.config import run_config, TrainSettings
+from common.dataset import Preprocessing
 from common.model import build_model
 
 import pytest
@@ -20,9 +21,9 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 def test_update_scale_depends_on_the_patient_bin_not_the_exact_count(tiny_site, tmp_path, monkeypatch):
     guard, _ = open_guard(SiteState(tmp_path / "state"), "north", tiny_site, {"epsilon_budget": 20.0, "delta": 1e-3, "example_count_bin": 2,
                                                                                   "validation_fraction": 0.0})  # one validates: 3+ train
-    patients = guard.data(("background", "organ", "lesion"), 16).train
-    assert len(patients) >= 3
     config = run_config({"image-size": 16, "local-epochs": 1, "batch-size": 1, "noise-multiplier": 1.0, "target-epsilon": math.inf, "delta": 1e-3})
+    patients = guard.data(("background", "organ", "lesion"), Preprocessing.from_config(config)).train
+    assert len(patients) >= 3
     settings = TrainSettings.from_config({**config, "server-round": 1})
     scales = []
     real_init = training.DPOptimizer.__init__

@@ -70,7 +70,10 @@ def test_reply_carries_only_model_shaped_arrays_and_rounded_scalars(tiny_site, t
         assert all(isinstance(v, (int, float)) and (not math.isfinite(v) or round(v, 2) == v) for v in metrics.values())
         assert metrics["num-examples"] % 10 == 0  # binned, not the exact patient count
         assert set(reply.content["site"]) == {"name", "status", "reason"}
-        assert set(reply.content) <= {"arrays", "layout", "metrics", "site"}
+        assert set(reply.content) <= {"arrays", "layout", "metrics", "site", "class-codes"}
+        if kind == MessageType.TRAIN:  # what the classes are: code pairs of pydicom's dictionary, no text from the files
+            assert dict(reply.content["class-codes"]) == {"organ": ["SCT", "91772007", "SCT", "91772007"],
+                                                          "lesion": ["SCT", "49755003", "SCT", "52988006"]}
     released = _call(guard, MessageType.TRAIN, 2).content["metrics"]
     assert "steps" not in released and "train-loss" not in released  # steps reveal N; the loss is outside ε
 

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from pydicom.sr.codedict import codes
+from pydicom.sr.codedict import CONCEPTS, codes
 from pydicom.sr.coding import Code
 
 if TYPE_CHECKING:
@@ -31,16 +31,20 @@ MAX_TEXT = 64  # a scheme designator or code value (DICOM SH/UC): anything longe
 
 @functools.cache
 def _scheme(scheme: str) -> dict[str, Code]:
-    """Code value → the dictionary's concept (the first name it lists, where a value has several)."""
-    concepts: dict[str, Code] = {}
-    for code in getattr(codes, scheme).concepts.values():
-        concepts.setdefault(code.value, code)
-    return concepts
+    """Code value → the dictionary's concept. A value listed under several names (SCT 85756007 is both
+    "Body tissue structure (body structure)" and "Tissue") takes the meaning in most of DICOM's
+    context groups, the first listed on a tie."""
+    best: dict[str, tuple[str, int]] = {}
+    for entries in CONCEPTS[scheme].values():
+        for value, (meaning, groups) in entries.items():
+            if value not in best or len(groups) > best[value][1]:
+                best[value] = (meaning, len(groups))
+    return {value: Code(value, scheme, meaning) for value, (meaning, _) in best.items()}
 
 
 def concept(scheme: Any, value: Any) -> Code | None:
     """The dictionary's concept for (scheme, value), with its meaning; None for anything else."""
-    if not (isinstance(scheme, str) and isinstance(value, str) and len(value) <= MAX_TEXT and scheme in codes.schemes()):
+    if not (isinstance(scheme, str) and isinstance(value, str) and len(value) <= MAX_TEXT and scheme in CONCEPTS):
         return None
     return _scheme(scheme).get(value)
 

@@ -258,9 +258,11 @@ def test_audit_log_names_exactly_the_arrays_the_server_received(tiny_site, tmp_p
     entry = guard.ledger.entries[-1]
     assert entry["kind"] == "train" and entry["released_sha256"] == arrays_sha256(_weights(reply))
     assert entry["metrics"] == dict(reply.content["metrics"])
+    assert entry["class_codes"] == dict(reply.content["class-codes"])  # the class codes released, as released
     out = fedseg_here("audit", str(tmp_path), cwd=tmp_path)
     assert out.returncode == 0 and "hash chain OK" in out.stdout and entry["released_sha256"][:16] in out.stdout
     assert "unit of privacy: the patient" in out.stdout
+    assert "class lesion coded Morphologically Abnormal Structure / Lesion (SCT 49755003 / SCT 52988006)" in out.stdout
     SiteState(tmp_path).ledger_file.write_text(SiteState(tmp_path).ledger_file.read_text().replace('"train"', '"genesis"'))
     out = fedseg_here("audit", str(tmp_path), cwd=tmp_path)
     assert out.returncode != 0 and "AUDIT FAILED" in out.stderr

@@ -63,10 +63,6 @@ def pair_of(description: hd.seg.SegmentDescription) -> Pair:
     return (str(category.scheme_designator), str(category.value), str(kind.scheme_designator), str(kind.value))
 
 
-def pair(coded: Coding) -> Pair:
-    return (coded[0].scheme_designator, coded[0].value, coded[1].scheme_designator, coded[1].value)
-
-
 def most_common(counts: Counter[Pair]) -> Pair:
     """The pair counted most; a tie goes to the smallest pair, so the answer never depends on order."""
     return min(counts, key=lambda p: (-counts[p], p))

@@ -227,9 +227,10 @@ class FederationStrategy(Strategy):
                                                        for r in replies if r.metadata.reply_to_message_id in requests],
                                     stage="validation")
         trained: dict[str, Message] = {}
-        codes = {}
+        codes: dict[str, dict[str, Pair]] = {}
         for msg, name, reply in self._site_replies(server_round, replies, "train"):
-            status, reason, m, codes[name] = reply.status, reply.reason, reply.metrics, reply.class_codes
+            status, reason, m = reply.status, reply.reason, reply.metrics
+            codes[name] = reply.class_codes
             entry = self.record.site(server_round, name)
             entry.update(status=status, reason=reason, examples=count(m, self.weight_key), train_loss=metric(m, "train-loss"),
                          epsilon=metric(m, "epsilon"), noise_multiplier=metric(m, "noise-multiplier"), steps=count(m, "steps"),

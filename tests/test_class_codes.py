@@ -5,7 +5,6 @@ import logging
 from collections import Counter
 
 import highdicom as hd
-import numpy as np
 import pytest
 import torch
 from pydicom.sr.codedict import codes
@@ -14,7 +13,7 @@ import client.predict
 from client.guard import open_guard
 from client.predict import predict_folder
 from client.site_state import SiteState
-from common.class_codes import GENERIC, pair, releasable, stored
+from common.class_codes import GENERIC, releasable, stored
 from common.config import run_config
 from common.dataset import SiteData
 from common.dicom_io import load_site_series
@@ -29,6 +28,11 @@ BONE = (codes.SCT.Tissue, codes.SCT.Bone)
 BONE_TISSUE = (codes.SCT.Tissue, codes.SCT.BoneTissue)
 # A hospital's own words: a local scheme, and free text that must never leave the site.
 LOCAL = (hd.sr.CodedConcept("X1", "99WARD7", "Mrs Example's scan"), hd.sr.CodedConcept("X2", "99WARD7", "ward 7 bone"))
+
+
+def pair(coded) -> tuple[str, str, str, str]:
+    """A coding as a site releases it."""
+    return (coded[0].scheme_designator, coded[0].value, coded[1].scheme_designator, coded[1].value)
 
 
 def _site(folder, codings_per_patient):

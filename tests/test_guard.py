@@ -346,6 +346,10 @@ def test_server_records_a_refusing_site_and_aggregates_the_others(tiny_site, tmp
     sites = record.round(1)["sites"]
     assert sites["north"]["status"] == "ok" and sites["south"]["status"] == "refused"
     assert sites["south"]["reason"] == "budget_exhausted"
+    # what the generator's SEGs say the classes are, from the site's files to the run's checkpoint
+    assert torch.load(record.dir / "global_model.pt", weights_only=True)["class_codes"] == {
+        "organ": {"category": ["SCT", "91772007", "Organ"], "type": ["SCT", "91772007", "Organ"]},
+        "lesion": {"category": ["SCT", "49755003", "Morphologically Abnormal Structure"], "type": ["SCT", "52988006", "Lesion"]}}
 
 
 def test_slice_choice_oversamples_the_patients_rarest_class_from_its_own_labels():

@@ -58,9 +58,11 @@ def coding(pair: Any) -> Coding | None:
 
 
 def pair_of(description: hd.seg.SegmentDescription) -> Pair:
-    """A segment's coding as its file writes it (not yet checked against the dictionary)."""
+    """A segment's coding as its file writes it (not yet checked against the dictionary); each text cut
+    just past MAX_TEXT, so a hostile file's megabyte "code" costs nothing and still matches no concept."""
     category, kind = description.segmented_property_category, description.segmented_property_type
-    return (str(category.scheme_designator), str(category.value), str(kind.scheme_designator), str(kind.value))
+    texts = (category.scheme_designator, category.value, kind.scheme_designator, kind.value)
+    return tuple(str(t)[:MAX_TEXT + 1] for t in texts)  # type: ignore[return-value]
 
 
 def most_common(counts: Counter[Pair]) -> Pair:

@@ -26,8 +26,8 @@ CLASSES = ("background", "liver", "bone")
 LIVER = (codes.SCT.Organ, codes.SCT.Liver)
 BONE = (codes.SCT.Tissue, codes.SCT.Bone)
 BONE_TISSUE = (codes.SCT.Tissue, codes.SCT.BoneTissue)
-# A hospital's own words: a local scheme, and free text that must never leave the site.
-LOCAL = (hd.sr.CodedConcept("X1", "99WARD7", "Mrs Example's scan"), hd.sr.CodedConcept("X2", "99WARD7", "ward 7 bone"))
+# A hospital's own words: a local scheme, a long code, and free text that must never leave the site.
+LOCAL = (hd.sr.CodedConcept("X1", "99WARD7", "Mrs Example's scan"), hd.sr.CodedConcept("X" * 10_000, "99WARD7", "ward 7 bone"))
 
 
 def pair(coded) -> tuple[str, str, str, str]:
@@ -62,7 +62,7 @@ def test_a_code_the_dictionary_does_not_know_is_not_released_and_the_site_log_na
     with caplog.at_level(logging.WARNING, logger="client.guard"):
         released = guard.class_codes(SiteData(str(site), [], [], report))
     assert released == {"liver": pair(LIVER)}  # bone's majority is the local code: nothing, not the minority's Bone
-    assert "class 'bone' is coded (99WARD7 X1 / 99WARD7 X2)" in caplog.text and "not released" in caplog.text
+    assert f"class 'bone' is coded (99WARD7 X1 / 99WARD7 {'X' * 65})" in caplog.text and "not released" in caplog.text
     assert "Mrs Example" not in caplog.text and "ward 7 bone" not in caplog.text  # a file's free text is not even logged
 
 

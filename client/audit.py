@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from client.privacy_ledger import PrivacyLedger
 from client.site_policy import SitePolicy
+from common.class_codes import describe
 
 
 def _what(entry: dict) -> str:
     if entry["kind"] == "train":
         sigma, q, steps = entry["event"]
         return (f"DP-SGD σ {sigma:.2f}, patient sampling rate {q:.3f}, {steps} steps; ε {entry['epsilon_before']:.2f} → "
-                f"{entry['epsilon_after']:.2f}; weights sha256 {entry['released_sha256'][:16]}; {_metrics(entry['metrics'])}")
+                f"{entry['epsilon_after']:.2f}; weights sha256 {entry['released_sha256'][:16]}; {_metrics(entry['metrics'])}"
+                + "".join(f"; class {name} coded {describe(tuple(pair))}" for name, pair in entry.get("class_codes", {}).items()))
     if entry["kind"] == "validate":
         return f"validated weights sha256 {entry['received_sha256'][:16]}; released {_metrics(entry['metrics'])}"
     if entry["kind"] == "refusal":

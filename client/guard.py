@@ -27,6 +27,7 @@ from client.site_policy import SitePolicy
 from client.site_state import SiteState
 from client.training import RoundPlan, evaluate, plan_round, train_round
 from common.array_codec import Arrays, arrays_sha256
+from common.class_codes import Pair, describe, releasable
 from common.config import TrainSettings, class_names
 from common.dataset import Preprocessing, SiteData, load_site
 from common.model import build_model, pick_device
@@ -186,14 +187,26 @@ class SiteGuard:
             # The training loss stays here: it is the chosen weights' loss on the patients, outside any ε.
             metrics = {"num-examples": self.policy.binned(len(data.train)), "epsilon": self.policy.release(planned), "noise-multiplier": round(plan.noise_multiplier, 2),
                        "seconds": round(time.perf_counter() - started, 1)}
+            codes = self.class_codes(data)
             self.ledger.append("train", run=run, round=server_round, event=list(plan.event), delta=self.policy.delta,
                                unit="patient", epsilon_before=before, epsilon_after=planned,
-                               received_sha256=arrays_sha256(arrays), released_sha256=arrays_sha256(out), metrics=metrics)
+                               received_sha256=arrays_sha256(arrays), released_sha256=arrays_sha256(out), metrics=metrics,
+                               class_codes=codes)
         log.info("%s round %d: %d %s steps over %d patients (noise multiplier %.2f), train loss %.3f (not released), "
                  "patient-level ε %.2f of budget %g",
                  self.name, server_round, plan.steps, "DP-SGD" if plan.noise_multiplier else "non-private SGD",
                  len(data.train), plan.noise_multiplier, loss, planned, self.policy.epsilon_budget)
-        return {"status": "ok", "code": "", "site": self.name, "metrics": metrics}, out
+        return {"status": "ok", "code": "", "site": self.name, "metrics": metrics, "class_codes": codes}, out
+
+    def class_codes(self, data: SiteData) -> dict[str, Pair]:
+        """What each class is, as the site's SEGs code it: per class the (category, type) most of them
+        use, as code pairs of pydicom's dictionary, never text from the files. A class whose pair the
+        dictionary does not know releases nothing, and the site's log says which."""
+        codes, unknown = releasable(data.report.class_codes if data.report else {})
+        for name, pair in unknown.items():
+            log.warning("%s: class %r is coded %s in most of its DICOM-SEGs, which pydicom's code dictionary does not "
+                        "know: its codes are not released", self.name, name, describe(pair))
+        return codes
 
     def validate(self, run: str, server_round: int, request: Mapping[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
         settings, classes, preprocessing = self._settings(server_round, request)

@@ -82,7 +82,7 @@ def predict_series(global_model: GlobalModel, series: Series, stem: Path, device
     preprocessing = Preprocessing.from_config(global_model.config)  # as the model was trained
     mask = segment_series(global_model.model, series, preprocessing, device)
     seg = stem.with_name(f"{stem.name}.seg.dcm")
-    write_seg([read_dicom(p) for p in series.paths], mask, names, seg, algorithm=algorithm(global_model))
+    write_seg([read_dicom(p) for p in series.paths], mask, names, seg, algorithm=algorithm(global_model), codings=global_model.class_codes)
     prediction = Prediction(series.patient_id, series.uid, len(mask), seg,
                             write_nifti(series, mask, stem.with_name(f"{stem.name}.nii.gz")) if nifti else None,
                             write_quick_look(series, mask, names, stem.with_name(f"{stem.name}.png"), preprocessing.ct_window) if png else None)

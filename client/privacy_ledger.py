@@ -1,8 +1,8 @@
 """The site's privacy ledger: one per site, append-only, hash-chained JSON lines. Also its audit log.
 
 Every release (a trained model, validation metrics) and every refusal is one line, with the time, the
-run and round, the SHA-256 of the arrays released, the metrics as released and the ε before and
-after. DP composes over every release from the same patients, whatever the run, seed, split or class
+run and round, the SHA-256 of the arrays released, the metrics (and a trained model's class codes) as
+released and the ε before and after. DP composes over every release from the same patients, whatever the run, seed, split or class
 list, so there is one ledger for the site: a new or re-anonymised patient inherits the running total
 (conservative). Each line carries the hash of the line before it: an edited, reordered or replaced
 ledger fails its check and stops the site; it is never reset to zero. ε comes from Opacus' RDP

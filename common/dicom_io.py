@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -28,6 +28,7 @@ import nibabel as nib
 import numpy as np
 from pydicom.pixels import apply_modality_lut, get_decoder
 
+from common.class_codes import Pair, describe, pair_of
 from common.dicom_bounds import (
     MAX_IMAGE_PIXELS,
     MAX_SEG_PIXELS,
@@ -67,6 +68,7 @@ class LabelledSeries:
     series: Series
     mask: np.ndarray  # [slices, rows, cols] class indices, uint8
     label_source: str
+    codes: dict[str, Pair] = field(default_factory=dict)  # class name → its segment's coding (a SEG's; NIfTI has none)
 
 
 @dataclass
@@ -76,6 +78,7 @@ class LoadReport:
     folder: str
     used: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    class_codes: dict[str, Counter[Pair]] = field(default_factory=dict)  # class name → how many used SEGs code it so
 
     def skip(self, what: str | Path, reason: str) -> None:
         self.skipped.append({"path": str(what), "reason": reason})
@@ -88,6 +91,8 @@ class LoadReport:
                          f" in {u['location']}{notes}")
         for s in self.skipped:
             lines.append(f"  skipped  {s['path']}: {s['reason']}")
+        for name, counts in self.class_codes.items():
+            lines += [f"  coded    {name}: {describe(pair)} in {n} DICOM-SEG(s)" for pair, n in counts.most_common()]
         return "\n".join(lines)
 
 
@@ -249,8 +254,9 @@ def _segment_classes(seg: hd.seg.Segmentation, class_names: Sequence[str]) -> tu
     return {n: n for n in numbers if 0 < n < len(class_names)}, "by segment number (no label matched the classes)"
 
 
-def read_seg_mask(seg_path: Path, series: Series, class_names: Sequence[str]) -> tuple[np.ndarray, str]:
-    """The SEG's segments as one class-index volume aligned slice by slice with `series`."""
+def read_seg_mask(seg_path: Path, series: Series, class_names: Sequence[str]) -> tuple[np.ndarray, str, dict[str, Pair]]:
+    """The SEG's segments as one class-index volume aligned slice by slice with `series`, and the
+    coding (segmented property category and type) of the segment each class was read from."""
     ds = read_dicom(seg_path)
     check_pixel_claims(ds, Path(seg_path).stat().st_size, MAX_SEG_PIXELS)
     seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
@@ -267,7 +273,8 @@ def read_seg_mask(seg_path: Path, series: Series, class_names: Sequence[str]) ->
     mask = np.zeros(series.volume.shape, dtype=np.uint8)
     for index in np.argsort([mapping[n] for n in numbers], kind="stable"):  # higher classes win overlaps
         mask[pixels[..., index] > 0] = mapping[numbers[index]]
-    return mask, f"DICOM-SEG {Path(seg_path).name} ({how})"
+    codes = {class_names[mapping[n]]: pair_of(seg.get_segment_description(n)) for n in numbers}
+    return mask, f"DICOM-SEG {Path(seg_path).name} ({how})", codes
 
 
 def voxel_to_patient(series: Series) -> np.ndarray:
@@ -410,12 +417,12 @@ def _label_with_segs(candidates: dict[str, list[Path]], series_by_uid: dict[str,
                 report.skip(path, f"a second DICOM-SEG for series {uid}; using {labelled[uid].label_source}")
                 continue
             try:
-                mask, source = read_seg_mask(path, series_by_uid[uid], class_names)
+                mask, source, codes = read_seg_mask(path, series_by_uid[uid], class_names)
             except Exception as err:
                 report.skip(path, f"DICOM-SEG could not be aligned with its series: {_problem(err)}")
                 continue
             if mask.any():
-                labelled[uid] = LabelledSeries(series_by_uid[uid], mask, source)
+                labelled[uid] = LabelledSeries(series_by_uid[uid], mask, source, codes)
             else:
                 report.skip(path, "DICOM-SEG mask is empty (no voxel of any class): an unfinished annotation?")
     return labelled
@@ -446,6 +453,8 @@ def load_site_series(folder: str | Path, class_names: Sequence[str]) -> tuple[li
             report.skip(f"series {uid} (patient {patient})", "no label (no DICOM-SEG or NIfTI mask refers to it)")
     result = sorted(labelled.values(), key=lambda ls: (ls.series.patient_id, ls.series.uid))
     for ls in result:
+        for name, pair in ls.codes.items():
+            report.class_codes.setdefault(name, Counter())[pair] += 1
         report.used.append({"patient_id": ls.series.patient_id, "series_uid": ls.series.uid, "slices": int(ls.series.volume.shape[0]),
                             "label_source": ls.label_source, "location": _location(ls.series.paths), "notes": ls.series.notes})
     if not result:

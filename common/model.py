@@ -7,12 +7,14 @@ activations (they break Opacus' backward hooks), interpolation + conv instead of
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from monai.networks.nets import BasicUNet
+
+from common.class_codes import Coding, from_stored
 
 FEATURES = (8, 16, 32, 64, 128, 8)
 
@@ -38,13 +40,16 @@ def pick_device() -> torch.device:
 
 @dataclass(frozen=True)
 class GlobalModel:
-    """A global-model checkpoint ready to segment: the network, its run config, and what identifies it."""
+    """A global-model checkpoint ready to segment: the network, its run config, what identifies it, and
+    what its classes are in codes, as the sites' training SEGs coded them ({} for a checkpoint
+    without: older runs, NIfTI-labelled sites)."""
 
     model: torch.nn.Module
     config: dict[str, Any]
     round: int
     sha256: str
     path: Path
+    class_codes: dict[str, Coding] = field(default_factory=dict)
 
 
 def load_global_model(path: str | Path) -> GlobalModel:
@@ -60,4 +65,5 @@ def load_global_model(path: str | Path) -> GlobalModel:
     names = [c for c in str(config["classes"]).split(",") if c.strip()]
     model = build_model(len(names) + 1)
     model.load_state_dict(state["state_dict"])
-    return GlobalModel(model.eval(), config, int(state["round"]), hashlib.sha256(path.read_bytes()).hexdigest(), path)
+    return GlobalModel(model.eval(), config, int(state["round"]), hashlib.sha256(path.read_bytes()).hexdigest(), path,
+                       from_stored(state.get("class_codes")))

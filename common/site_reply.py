@@ -9,6 +9,8 @@ busy 2-core site, one vector a handful of requests.
 A site's reply: `metrics` (MetricRecord), `site` (ConfigRecord: name, status, reason), the packed
 DP-SGD weights (train only) and, when the train request asked to validate the weights it brought,
 `validation-metrics` and `validation-site` (status, reason) for the previous round's global model.
+A train reply may carry `class-codes` (ConfigRecord: class name → [category scheme, value, type
+scheme, value], codes of pydicom's dictionary only: `common.class_codes`).
 
 The server reads a reply only through `SiteReply.read`, which checks it against the schema below
 first: a site is not trusted, so a reply with a record, key, type or range the protocol does not
@@ -19,12 +21,15 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+if TYPE_CHECKING:
+    from common.class_codes import Pair
 
 VALIDATE_RECEIVED = "validate-received"  # a train request's flag: validate the weights sent before training on them
 DTYPES = ("float16", "float32", "float64", "int32", "int64")  # what a model tensor may be (nothing that unpickles)
@@ -95,6 +100,9 @@ def reply_content(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -
     content = RecordDict({"metrics": _numbers(header.get("metrics")), "site": site})
     if arrays:
         weights_content(content, arrays)
+    codes = header.get("class_codes")
+    if isinstance(codes, Mapping) and codes:
+        content["class-codes"] = ConfigRecord({str(k): [str(x) for x in v] for k, v in codes.items() if isinstance(v, (list, tuple))})
     validation = header.get("validation")
     if isinstance(validation, Mapping):
         content["validation-metrics"] = _numbers(validation.get("metrics"))
@@ -133,7 +141,7 @@ VALIDATION_METRICS = {"num-examples": EXAMPLES, **SPENT, "dice": Field(float, 0.
                       "hd95": Field(float, 0.0, 1e6, nan=True)}
 PER_CLASS = re.compile(r"dice-class[1-9][0-9]?")  # dice-class1 ... dice-class99
 # The records each reply may hold (name → kind); validation-* ride in a train reply, read as a validation.
-RECORDS = {True: {"metrics": "metric", "site": "config", "arrays": "array", "layout": "config",
+RECORDS = {True: {"metrics": "metric", "site": "config", "arrays": "array", "layout": "config", "class-codes": "config",
                   "validation-metrics": "metric", "validation-site": "config"},
            False: {"metrics": "metric", "site": "config"}}
 
@@ -175,16 +183,31 @@ def _metrics_problem(metrics: MetricRecord, train: bool, ok: bool) -> str | None
     return next((f"has no {key}" for key in required if ok and key not in metrics), None)
 
 
-def reply_problem(content: RecordDict, train: bool) -> str | None:
+def _codes_problem(codes: ConfigRecord, classes: Sequence[str]) -> str | None:
+    """The class codes: only the run's classes, each four short strings naming concepts of pydicom's dictionary
+    (imported here, on the server: the courier, which only passes the guard's codes on, never loads it)."""
+    from common.class_codes import coding
+
+    for name, value in codes.items():
+        if name not in classes:
+            return f"has class codes for {name[:40]!r}, not a class of the run"
+        if coding(value) is None:
+            return f"has class codes for {name!r} that are not four codes of pydicom's dictionary"
+    return None
+
+
+def reply_problem(content: RecordDict, train: bool, classes: Sequence[str] = ()) -> str | None:
     """Why a train (or validation) reply's content breaks the protocol ("has ..."), or None. Only records,
     keys, types and ranges the protocol has pass; an "ok" reply must carry what it is weighed by
-    (and a validation its Dice; a train reply its weights)."""
+    (and a validation its Dice; a train reply its weights); class codes only for `classes`, the run's."""
     problem = _records_problem(content, train) or _site_problem(content["site"])
     if problem:
         return problem
     ok = content["site"]["status"] == "ok"
     if train and ok and "arrays" not in content.array_records:
         return "has no weights"
+    if "class-codes" in content.config_records and (problem := _codes_problem(content["class-codes"], classes)):
+        return problem
     return _metrics_problem(content["metrics"], train, ok)
 
 
@@ -202,15 +225,18 @@ class SiteReply:
     status: str
     reason: str
     metrics: MetricRecord
+    class_codes: dict[str, Pair]  # class name → its coding, as the site's SEGs code it ({}: none released)
 
     @classmethod
-    def read(cls, msg: Message, train: bool) -> SiteReply:
-        """The reply, checked against the protocol first: ReplyError with the reason if it breaks it."""
-        problem = reply_problem(msg.content, train)
+    def read(cls, msg: Message, train: bool, classes: Sequence[str] = ()) -> SiteReply:
+        """The reply, checked against the protocol first: ReplyError with the reason if it breaks it.
+        `classes`: the run's foreground classes, the only ones a reply may carry codes for."""
+        problem = reply_problem(msg.content, train, classes)
         if problem:
             raise ReplyError(f"{'train' if train else 'validation'} reply {problem}")
         site = msg.content["site"]
-        return cls(site["status"], str(site.get("reason", "")), msg.content["metrics"])
+        codes = msg.content.config_records.get("class-codes", ConfigRecord())
+        return cls(site["status"], str(site.get("reason", "")), msg.content["metrics"], {k: tuple(v) for k, v in codes.items()})
 
 
 def received_validation(reply: Message, request: Message) -> Message:

@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Self
 import torch
 from flwr.app import ArrayRecord
 
+from common.class_codes import Pair, consensus, stored
 from common.config import class_names
 
 HISTORY_FILE = "history.json"
@@ -156,7 +157,9 @@ class RunEvent(_JsonRecord):
 @dataclass
 class RunHistory(_JsonRecord):
     """A run's history.json: its config, status ("running", "completed", "stopped"; None in a file
-    that never said), rounds in order, events, the Flower node id → site name map, wall time."""
+    that never said), rounds in order, events, the Flower node id → site name map, wall time, and
+    what each class is in codes (`common.class_codes.stored`; {} before any site sent codes, and in
+    older files)."""
 
     _required: ClassVar[dict[str, type]] = {"config": dict, "rounds": list}
     _numbers: ClassVar[tuple[str, ...]] = ("wall_time_s",)
@@ -168,6 +171,7 @@ class RunHistory(_JsonRecord):
     site_nodes: dict[str, str] = field(default_factory=dict)
     events: list[RunEvent] = field(default_factory=list)
     wall_time_s: float | None = None
+    class_codes: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: Any) -> RunHistory:
@@ -292,6 +296,9 @@ class RunRecord:
         self.config = config
         self.rounds: dict[int, dict[str, Any]] = {}
         self.site_nodes: dict[str, str] = {}  # Flower node id -> site name, learnt from replies
+        # Site name -> the class codes it released; every training reply brings them again, so a resumed run relearns them.
+        self.site_codes: dict[str, dict[str, Pair]] = {}
+        self.class_codes: dict[str, Any] = {}  # what the sites agree each class is (`stored`): checkpoints and history
         self.events: list[dict[str, Any]] = []  # resumptions, retries, a stop: what a reader must know
         self.status = "running"
         self.started = time.time()
@@ -318,6 +325,7 @@ class RunRecord:
         record = cls(run_dir, {**config, **history.config, **{k: config[k] for k in RESUMABLE if k in config}})
         record.rounds = {r.round: r.to_json() for r in history.rounds if r.round <= last}
         record.site_nodes = dict(history.site_nodes)
+        record.class_codes = dict(history.class_codes)
         record.events = [e.to_json() for e in history.events]
         wall = history.wall_time_s
         record.elapsed_before = wall if wall is not None and math.isfinite(wall) else 0.0
@@ -346,11 +354,19 @@ class RunRecord:
     def site(self, server_round: int, site: str) -> dict[str, Any]:
         return self.round(server_round)["sites"].setdefault(site, {})
 
+    def agree_on_codes(self) -> list[str]:
+        """`class_codes` from the sites' (`site_codes`): per class the coding most sites released; the
+        classes they disagree on (what the sites' SEGs say, never which site's patients)."""
+        agreed, disputed = consensus(self.site_codes.values())
+        if agreed:
+            self.class_codes = stored(agreed)
+        return disputed
+
     def save_checkpoint(self, server_round: int, arrays: ArrayRecord, strategy_state: dict[str, Any]) -> Path:
         """The round's global model; from here on the round survives a crash (its validation rides
         in the next round's train message). A round's duration ends here."""
         state = {"state_dict": arrays.to_torch_state_dict(), "round": server_round, "config": self.config,
-                 "strategy_state": strategy_state}
+                 "strategy_state": strategy_state, "class_codes": self.class_codes}
         path = self.dir / "checkpoints" / f"global_model-round{server_round:03d}.pt"
         _atomic_write(path, lambda fh: torch.save(state, fh), mode="wb")
         _atomic_write(self.dir / "global_model.pt", lambda fh: torch.save(state, fh), mode="wb")
@@ -368,7 +384,8 @@ class RunRecord:
     def _history_json(self) -> dict[str, Any]:
         return json_ready({"config": self.config, "status": self.status, "privacy_unit": "patient",
                            "rounds": [self.rounds[r] for r in sorted(self.rounds)], "site_nodes": self.site_nodes,
-                           "events": self.events, "wall_time_s": self.elapsed_before + time.time() - self.started})
+                           "events": self.events, "wall_time_s": self.elapsed_before + time.time() - self.started,
+                           "class_codes": self.class_codes})
 
     def write_history(self) -> None:
         history = self._history_json()

@@ -18,6 +18,8 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
 from common.array_codec import arrays_sha256
+from common.class_codes import Pair
+from common.config import class_names
 from common.site_reply import VALIDATE_RECEIVED, ReplyError, SiteReply, claimed_name, pack, received_validation, weights_of
 from server.run_record import RunRecord
 from server.update_check import CLIP_RATIO, clip_bounds, median_of_others, screen_updates
@@ -120,6 +122,8 @@ class FederationStrategy(Strategy):
         # Never fewer than the robust aggregator needs to leave anyone out (`check_aggregator` refuses such a run at start).
         self.min_sites = max(int(record.config["min-sites"]), robust_need(record.config)[0])
         self.max_norm_ratio = float(record.config["max-update-norm-ratio"])
+        self.classes = class_names(record.config)[1:]  # the only classes a reply may bring codes for
+        self.disputed: set[str] = set()  # classes whose codes the sites disagree on, warned about once
         self.sent: dict[str, np.ndarray] = {}
         self.asked: list[Message] = []
         self.validating = False
@@ -175,7 +179,7 @@ class FederationStrategy(Strategy):
             self.record.round(server_round)[f"{stage}_bytes_to_each_site"] = message_bytes(self.asked[0])
         return self.asked
 
-    def _site_replies(self, server_round: int, replies: Iterable[Message], stage: str) -> Iterator[tuple[Message, str, str, str, MetricRecord]]:
+    def _site_replies(self, server_round: int, replies: Iterable[Message], stage: str) -> Iterator[tuple[Message, str, SiteReply]]:
         """Replies that carry content, with their site; failed and missing ones are recorded here."""
         # An error the SuperLink writes for a dead node comes from the SuperLink, not the node: the
         # site is the one the answered message went to.
@@ -190,13 +194,13 @@ class FederationStrategy(Strategy):
             name = self.registered.get(str(node), f"node-{node}") if self.registered else claimed_name(msg, f"node-{node}")
             self.record.site_nodes[str(node)] = name
             try:
-                reply = SiteReply.read(msg, train=stage == "train")
+                reply = SiteReply.read(msg, train=stage == "train", classes=self.classes)
             except ReplyError as err:  # nothing of it is recorded but the reason
                 self._failed(server_round, node, stage, "rejected", str(err))
                 continue
             if stage != "validation":  # a validation inside a train reply is not a message of its own
                 self.record.site(server_round, name)[f"{stage}_reply_bytes"] = message_bytes(msg)
-            yield msg, name, reply.status, reply.reason, reply.metrics
+            yield msg, name, reply
         for node in destination.values():
             if node not in answered:
                 self._failed(server_round, node, stage, "no_reply", f"no {stage} reply within the round timeout ({self.record.config['round-timeout']:g} s)")
@@ -223,7 +227,10 @@ class FederationStrategy(Strategy):
                                                        for r in replies if r.metadata.reply_to_message_id in requests],
                                     stage="validation")
         trained: dict[str, Message] = {}
-        for msg, name, status, reason, m in self._site_replies(server_round, replies, "train"):
+        codes: dict[str, dict[str, Pair]] = {}
+        for msg, name, reply in self._site_replies(server_round, replies, "train"):
+            status, reason, m = reply.status, reply.reason, reply.metrics
+            codes[name] = reply.class_codes
             entry = self.record.site(server_round, name)
             entry.update(status=status, reason=reason, examples=count(m, self.weight_key), train_loss=metric(m, "train-loss"),
                          epsilon=metric(m, "epsilon"), noise_multiplier=metric(m, "noise-multiplier"), steps=count(m, "steps"),
@@ -247,6 +254,7 @@ class FederationStrategy(Strategy):
             del trained[name]
         self._clip(server_round, trained, screening.norms)
         self._weigh(server_round, trained, "weight", "examples")
+        self._class_codes({name: codes[name] for name in trained})
         for name in trained:
             s = self.record.site(server_round, name)
             log.info(f"  round {server_round} {name}: trained, patient-level ε {s['epsilon']:.2f}, σ {s['noise_multiplier']:.2f}, "
@@ -264,7 +272,8 @@ class FederationStrategy(Strategy):
         """Records each site's validation (absent metrics as NaN); averages the replies that carry a
         Dice and a count to weigh it by, so one minimal or refusing site cannot stop the round."""
         valid: dict[str, Message] = {}
-        for msg, name, status, reason, m in self._site_replies(server_round, replies, stage):
+        for msg, name, reply in self._site_replies(server_round, replies, stage):
+            status, reason, m = reply.status, reply.reason, reply.metrics
             entry = self.record.site(server_round, name)
             entry.update(val_dice=metric(m, "dice"), val_iou=metric(m, "iou"), val_hd95_mm=metric(m, "hd95"),
                          val_slices=count(m, self.weight_key), val_seconds=metric(m, "seconds"),
@@ -286,6 +295,17 @@ class FederationStrategy(Strategy):
         detail = ", ".join(f"{n} {s['val_dice']:.3f}" for n, s in sorted(sites.items()) if not math.isnan(s.get("val_dice", math.nan)))
         log.info(f"round {server_round}: aggregated validation Dice {dice:.3f} ({detail})")
         return metrics
+
+    def _class_codes(self, released: Mapping[str, Mapping[str, Pair]]) -> None:
+        """The class codes of the sites whose updates are averaged, into the run's record; a class the
+        sites code differently takes the most common coding, and the log says which class (once)."""
+        for name, codes in released.items():
+            self.record.site_codes[name] = dict(codes)
+        for name in sorted(set(self.record.agree_on_codes()) - self.disputed):
+            self.disputed.add(name)
+            chosen = self.record.class_codes[name]
+            log.warning(f"  class {name!r}: the sites' DICOM-SEGs code it differently; the run uses the most common coding, "
+                        f"{chosen['category'][2]} / {chosen['type'][2]}")
 
     def _clip(self, server_round: int, trained: dict[str, Message], update_norms: dict[str, float]) -> None:
         """Scales each update longer than CLIP_RATIO × the median of the other sites' down to that

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from scipy.ndimage import map_coordinates
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 BRAIN_VERSION = 1
 CLASS_NAMES = ("background", "grey-matter", "white-matter")
+CLASS_CODES = {"grey-matter": (codes.SCT.Tissue, codes.SCT.GrayMatter), "white-matter": (codes.SCT.Tissue, codes.SCT.WhiteMatter)}
 TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 SIZES = {"default": (6, 10), "tiny": (3, 8)}  # (patients per site, slices per series)
 
@@ -105,7 +107,8 @@ def write_patient(profile: MRProfile, index: int, slices: int, out: Path, seed: 
                       MRAcquisitionType="3D", ImageType=["DERIVED", "SECONDARY", "AXIAL"])
         ds.save_as(folder / f"IM{k + 1:04d}.dcm", enforce_file_format=True)
         datasets.append(ds)
-    write_seg(datasets, labels, CLASS_NAMES, out / patient / "SEG" / "tissues.dcm", uid_entropy=[str(seed), patient, "seg"])
+    write_seg(datasets, labels, CLASS_NAMES, out / patient / "SEG" / "tissues.dcm", uid_entropy=[str(seed), patient, "seg"],
+              codings=CLASS_CODES)
 
 
 def build_brain_federation(cache_root: str | Path, num_sites: int = 3, seed: int = 0, size: str = "default") -> Path:

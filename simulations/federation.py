@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import FileMetaDataset
+from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from common.seg_writer import write_seg
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 4
 CLASS_NAMES = ("background", "organ", "lesion")
+# What the synthetic classes are: the codes their training SEGs carry, so a run on them learns them.
+CLASS_CODES = {"organ": (codes.SCT.Organ, codes.SCT.Organ), "lesion": (codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion)}
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,8 @@ def write_patient(profile: ScannerProfile, index: int, out: Path, seed: int) -> 
         ds.save_as(series_dir / f"{_uid(uids['series'], 'file', k)[-12:]}.dcm", enforce_file_format=True)
         datasets.append((k, ds))
     datasets.sort(key=lambda kd: kd[0])
-    write_seg([ds for _, ds in datasets], labels, CLASS_NAMES, out / patient / "SEG" / "labels.dcm", uid_entropy=[str(seed), patient])
+    write_seg([ds for _, ds in datasets], labels, CLASS_NAMES, out / patient / "SEG" / "labels.dcm", uid_entropy=[str(seed), patient],
+              codings=CLASS_CODES)
 
 
 def federation_dir(cache_root: Path, num_sites: int, seed: int, size: str, patients: int | None = None) -> Path:

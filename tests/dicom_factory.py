@@ -48,9 +48,11 @@ def write_series(folder: Path, volume: np.ndarray, *, patient: str = "P1", spaci
     return datasets
 
 
-def write_seg(path: Path, datasets: list[pydicom.Dataset], mask: np.ndarray, labels: list[str]) -> None:
-    """A SEG as a third-party tool might write it: segments named freely, source order shuffled.
+def write_seg(path: Path, datasets: list[pydicom.Dataset], mask: np.ndarray, labels: list[str], codings: list | None = None) -> None:
+    """A SEG as a third-party tool might write it: segments named freely, source order shuffled, coded
+    as `codings` says per label ((category, type) Codes or highdicom CodedConcepts; default Organ).
     An all-zero mask gives an empty first segment, as an annotation saved before drawing would."""
+    codings = codings or [(codes.SCT.Organ, codes.SCT.Organ)] * len(labels)
     order = np.random.default_rng(1).permutation(len(datasets))
     present = [i for i in range(1, len(labels) + 1) if (mask == i).any()] or [1]
     seg = hd.seg.Segmentation(
@@ -58,8 +60,8 @@ def write_seg(path: Path, datasets: list[pydicom.Dataset], mask: np.ndarray, lab
         pixel_array=np.stack([(mask[order] == i) for i in present], axis=-1).astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[hd.seg.SegmentDescription(
-            segment_number=j + 1, segment_label=labels[i - 1], segmented_property_category=codes.SCT.Organ,
-            segmented_property_type=codes.SCT.Organ, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+            segment_number=j + 1, segment_label=labels[i - 1], segmented_property_category=codings[i - 1][0],
+            segmented_property_type=codings[i - 1][1], algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
             for j, i in enumerate(present)],
         series_instance_uid=generate_uid(), series_number=99, sop_instance_uid=generate_uid(), instance_number=1,
         manufacturer="ThirdParty", manufacturer_model_name="Annotator", software_versions="2.0", device_serial_number="1",

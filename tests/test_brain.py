@@ -19,4 +19,6 @@ def test_brain_sites_load_as_labelled_mr_series_with_both_tissues(tmp_path):
     labels = np.concatenate([p.masks.ravel() for p in site.train])
     fractions = [(labels == c).mean() for c in (1, 2)]
     assert all(0.05 < f < 0.6 for f in fractions)  # both tissues present, neither fills the head
+    assert {name: set(c) for name, c in site.report.class_codes.items()} == {  # what the tissues are, in SNOMED CT
+        "grey-matter": {("SCT", "85756007", "SCT", "389081007")}, "white-matter": {("SCT", "85756007", "SCT", "389080008")}}
     assert build_brain_federation(tmp_path, num_sites=1, seed=0, size="tiny") == root  # generated once, then cached

@@ -63,9 +63,10 @@ def test_nifti_mask_from_manifest_is_resampled_onto_the_series(tmp_path):
     nib.save(nib.Nifti1Image(mask, lps_to_ras @ voxel_to_patient(series)), tmp_path / "site" / "mask.nii.gz")
     with open(tmp_path / "site" / "masks.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([["series_instance_uid", "mask"], [series.uid, "mask.nii.gz"]])
-    [labelled], _ = load_site_series(tmp_path / "site", CLASSES)
+    [labelled], report = load_site_series(tmp_path / "site", CLASSES)
     np.testing.assert_array_equal(labelled.mask, mask)
     assert labelled.label_source.startswith("NIfTI")
+    assert labelled.codes == {} and report.class_codes == {}  # NIfTI labels say nothing of what a class is
 
 
 def test_a_nifti_mask_stored_in_another_axis_order_lands_on_the_series_voxels(tmp_path):

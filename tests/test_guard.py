@@ -71,7 +71,10 @@ def test_reply_carries_only_model_shaped_arrays_and_rounded_scalars(tiny_site, t
         assert all(isinstance(v, (int, float)) and (not math.isfinite(v) or round(v, 2) == v) for v in metrics.values())
         assert metrics["num-examples"] % 10 == 0  # binned, not the exact patient count
         assert set(reply.content["site"]) == {"name", "status", "reason"}
-        assert set(reply.content) <= {"arrays", "layout", "metrics", "site"}
+        assert set(reply.content) <= {"arrays", "layout", "metrics", "site", "class-codes"}
+        if kind == MessageType.TRAIN:  # what the classes are: code pairs of pydicom's dictionary, no text from the files
+            assert dict(reply.content["class-codes"]) == {"organ": ["SCT", "91772007", "SCT", "91772007"],
+                                                          "lesion": ["SCT", "49755003", "SCT", "52988006"]}
     released = _call(guard, MessageType.TRAIN, 2).content["metrics"]
     assert "steps" not in released and "train-loss" not in released  # steps reveal N; the loss is outside ε
 
@@ -276,9 +279,11 @@ def test_audit_log_names_exactly_the_arrays_the_server_received(tiny_site, tmp_p
     entry = guard.ledger.entries[-1]
     assert entry["kind"] == "train" and entry["released_sha256"] == arrays_sha256(_weights(reply))
     assert entry["metrics"] == dict(reply.content["metrics"])
+    assert entry["class_codes"] == dict(reply.content["class-codes"])  # the class codes released, as released
     out = fedseg_here("audit", str(tmp_path), cwd=tmp_path)
     assert out.returncode == 0 and "hash chain OK" in out.stdout and entry["released_sha256"][:16] in out.stdout
     assert "unit of privacy: the patient" in out.stdout
+    assert "class lesion coded Morphologically Abnormal Structure / Lesion (SCT 49755003 / SCT 52988006)" in out.stdout
     SiteState(tmp_path).ledger_file.write_text(SiteState(tmp_path).ledger_file.read_text().replace('"train"', '"genesis"'))
     out = fedseg_here("audit", str(tmp_path), cwd=tmp_path)
     assert out.returncode != 0 and "AUDIT FAILED" in out.stderr
@@ -362,6 +367,10 @@ def test_server_records_a_refusing_site_and_aggregates_the_others(tiny_site, tmp
     sites = record.round(1)["sites"]
     assert sites["north"]["status"] == "ok" and sites["south"]["status"] == "refused"
     assert sites["south"]["reason"] == "budget_exhausted"
+    # what the generator's SEGs say the classes are, from the site's files to the run's checkpoint
+    assert torch.load(record.dir / "global_model.pt", weights_only=True)["class_codes"] == {
+        "organ": {"category": ["SCT", "91772007", "Organ"], "type": ["SCT", "91772007", "Organ"]},
+        "lesion": {"category": ["SCT", "49755003", "Morphologically Abnormal Structure"], "type": ["SCT", "52988006", "Lesion"]}}
 
 
 def test_slice_choice_oversamples_the_patients_rarest_class_from_its_own_labels():

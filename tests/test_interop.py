@@ -79,7 +79,7 @@ def test_predicted_seg_passes_dciodvfy_references_its_series_and_reads_back_as_t
     report = check.stdout + check.stderr
     assert "Segmentation" in report and not [line for line in report.splitlines() if line.startswith("Error")], report
 
-    mask, _ = read_seg_mask(seg_path, series, CLASSES)
+    mask, _, _ = read_seg_mask(seg_path, series, CLASSES)
     np.testing.assert_array_equal(mask, expected)  # SEG -> same mask, slice by slice
     np.testing.assert_array_equal(read_nifti_mask(next((tmp_path / "out").rglob("*.nii.gz")), series), expected)
     seg = hd.seg.segread(seg_path)

@@ -397,6 +397,7 @@ def test_a_train_reply_that_breaks_the_schema_is_rejected_with_the_reason_and_th
     ("metrics", "noise-multiplier", 1.0, "validation reply has an unexpected metric 'noise-multiplier'"),
     ("site", "status", "", "validation reply has status '', not one of ok, refused, error, rejected"),
     ("", "arrays", ArrayRecord({"w": Array(GLOBAL["w"])}), "validation reply has an unexpected array record 'arrays'"),
+    ("", "class-codes", ConfigRecord({"organ": ["SCT", "91772007", "SCT", "91772007"]}), "validation reply has an unexpected config record 'class-codes'"),
 ])
 def test_a_validation_reply_that_breaks_the_schema_is_rejected_with_the_reason_and_the_round_goes_on(tmp_path, where, key, value, reason):
     fed = _federation(tmp_path, 2, **{"min-sites": 1})
@@ -466,3 +467,54 @@ def test_the_server_app_shows_its_progress_on_stdout_once_with_or_without_the_cl
         server_log.removeHandler(cli_handler)
         server_log.setLevel(logging.NOTSET)
     assert capsys.readouterr().out == "round 2: training at 3 sites\n"
+
+
+# --- class codes: what a site says its classes are -----------------------------------------------
+
+LIVER = ["SCT", "91772007", "SCT", "10200004"]  # Organ / Liver
+BONE = ["SCT", "85756007", "SCT", "272673000"]  # Tissue / Bone
+LESION = ["SCT", "49755003", "SCT", "52988006"]  # Morphologically Abnormal Structure / Lesion
+
+
+def _coded(node: int, name: str, **codes) -> Message:
+    reply = _reply(node, name, _arrays(0.01))
+    reply.content["class-codes"] = ConfigRecord(codes)
+    return reply
+
+
+def test_the_run_keeps_the_codes_most_sites_release_and_warns_once_of_a_class_they_disagree_on(tmp_path, caplog):
+    fed = _federation(tmp_path, 3)
+    replies = lambda: [_coded(1, "a", organ=LIVER, lesion=LESION), _coded(2, "b", organ=LIVER, lesion=LESION),  # noqa: E731
+                       _coded(3, "c", organ=BONE)]
+    with caplog.at_level("WARNING", logger="server"):
+        assert fed.aggregate_train(1, replies())[0] is not None
+        fed.aggregate_train(2, replies())
+    expected = {"organ": {"category": ["SCT", "91772007", "Organ"], "type": ["SCT", "10200004", "Liver"]},
+                "lesion": {"category": ["SCT", "49755003", "Morphologically Abnormal Structure"], "type": ["SCT", "52988006", "Lesion"]}}
+    assert fed.record.class_codes == expected  # the lesion agreed on; the organ by 2 to 1
+    warned = [r.getMessage() for r in caplog.records if "code it differently" in r.getMessage()]
+    assert warned == ["  class 'organ': the sites' DICOM-SEGs code it differently; the run uses the most common coding, Organ / Liver"]
+    assert torch.load(tmp_path / "global_model.pt", weights_only=True)["class_codes"] == expected
+    assert json.loads((tmp_path / "history.json").read_text())["class_codes"] == expected
+
+
+@pytest.mark.parametrize("codes, reason", [
+    ({"organ": ["SCT", "91772007", "SCT", "99999999"]}, "has class codes for 'organ' that are not four codes of pydicom's dictionary"),
+    ({"organ": ["99WARD7", "X1", "SCT", "10200004"]}, "has class codes for 'organ' that are not four codes of pydicom's dictionary"),
+    ({"organ": LIVER[:2]}, "has class codes for 'organ' that are not four codes of pydicom's dictionary"),
+    ({"organ": [*LIVER, "Liver of patient X"]}, "has class codes for 'organ' that are not four codes of pydicom's dictionary"),
+    ({"organ": 7}, "has class codes for 'organ' that are not four codes of pydicom's dictionary"),
+    ({"organ": [1, 2, 3, 4]}, "has class codes for 'organ' that are not four codes of pydicom's dictionary"),
+    ({"organ": b"SCT1"}, "has class codes for 'organ' that are not four codes of pydicom's dictionary"),
+    ({"organ": ["SCT", "1" * 100_000, "SCT", "10200004"]}, "has class codes for 'organ' that are not four codes of pydicom's dictionary"),
+    ({"spleen": LIVER}, "has class codes for 'spleen', not a class of the run"),
+    ({"background": LIVER}, "has class codes for 'background', not a class of the run"),
+    ({"x" * 100_000: LIVER}, f"has class codes for {'x' * 40!r}, not a class of the run"),
+    ({"organ": LIVER, "lesion": LESION, "spleen": LIVER}, "has class codes for 'spleen', not a class of the run"),
+])
+def test_class_codes_that_break_the_schema_reject_the_reply_and_the_round_goes_on(tmp_path, codes, reason):
+    fed = _federation(tmp_path, 3, **{"min-sites": 2})
+    arrays, _ = fed.aggregate_train(1, [_coded(1, "a", organ=BONE), _coded(2, "b", organ=BONE), _coded(3, "bad", **codes)])
+    assert arrays is not None
+    assert fed.record.round(1)["sites"]["bad"] == {"status": "rejected", "reason": f"train reply {reason}"}
+    assert fed.record.class_codes == {"organ": {"category": ["SCT", "85756007", "Tissue"], "type": ["SCT", "272673000", "Bone"]}}

@@ -25,6 +25,10 @@ def _simulate(tmp_path: Path, *args: str) -> dict:
         assert (run_dir / name).is_file(), name
     history = json.loads((run_dir / "history.json").read_text())
     _check_report(run_dir, history)
+    # The generator's SEGs code its classes; the sites released the codes and the run kept them.
+    assert history["class_codes"] == {
+        "organ": {"category": ["SCT", "91772007", "Organ"], "type": ["SCT", "91772007", "Organ"]},
+        "lesion": {"category": ["SCT", "49755003", "Morphologically Abnormal Structure"], "type": ["SCT", "52988006", "Lesion"]}}
     return history
 
 

@@ -27,7 +27,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from common.config import TrainSettings
 from common.dataset import Patient, SiteData, augmentation
-from common.inference import predict_labels
+from common.inference import native_labels
 from common.losses import patient_loss
 from common.metrics import class_metrics, foreground_dice
 
@@ -180,8 +180,11 @@ def _batch(patients: Sequence[Patient], count: int, augment, generator: torch.Ge
 
 
 def evaluate(model: torch.nn.Module, data: SiteData, num_classes: int, device: torch.device) -> dict[str, float]:
-    """Per-class Dice/IoU/HD95 over the site's validation patients (each a 3D volume), averaged."""
-    per_volume = [class_metrics(predict_labels(model, v.image, device), v.mask, num_classes, v.spacing) for v in data.validation]
+    """Per-class Dice/IoU/HD95 over the site's validation patients (each a 3D volume), averaged. Each is
+    scored on its series' own pixel grid and spacing, predicted as `fedseg predict` writes it: the Dice
+    a site reports is the Dice of what prediction gives it."""
+    per_volume = [class_metrics(native_labels(model, v.image, v.mask.shape[1:], device), v.mask, num_classes, v.spacing)
+                  for v in data.validation]
     metrics: dict[str, float] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN classes stay NaN

@@ -4,7 +4,8 @@ Preprocessing (`Preprocessing`: one object, from the run config, so that trainin
 report and prediction prepare images identically) is modality-aware — CT: the run's fixed HU window
 (`ct-window`, abdominal soft tissue by default), so calibrated scanners agree; MR and others: each
 volume's own 1st-99th percentiles, since their intensities have no absolute scale — and resamples
-every slice to one in-plane size. Each patient is processed from its own volume alone (patient-level
+every slice to one in-plane size; a validation volume keeps its series' own labels and spacing too,
+where it is scored. Each patient is processed from its own volume alone (patient-level
 DP needs that). The split is by patient and chosen by the site (a keyed hash of the PatientID), never
 by the server: slices of one patient never sit on both sides, and an added patient moves no other.
 """
@@ -52,12 +53,13 @@ class Preprocessing:
 
 @dataclass
 class Volume:
-    """One validation series, preprocessed: slices are the model's batch axis."""
+    """One validation series: the image as the model sees it (slices are its batch axis), and the labels
+    and spacing of the series' own pixel grid, where validation scores the model, as prediction writes."""
 
     patient_id: str
     image: np.ndarray  # [slices, 1, S, S] float32
-    mask: np.ndarray  # [slices, S, S] uint8
-    spacing: tuple[float, float, float]  # mm, after in-plane resampling
+    mask: np.ndarray  # [slices, rows, cols] uint8, the series' own grid
+    spacing: tuple[float, float, float]  # (slice, row, col) mm, the series' own
 
 
 @dataclass
@@ -98,13 +100,18 @@ def prepare_image(series: Series, preprocessing: Preprocessing) -> np.ndarray:
     return np.asarray(image, dtype=np.float32)[:, None]
 
 
-def preprocess(ls: LabelledSeries, preprocessing: Preprocessing) -> Volume:
-    """The image as the model sees it, and the mask resampled with it (nearest neighbour)."""
-    s, size = ls.series, preprocessing.image_size
+def training_slices(ls: LabelledSeries, preprocessing: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """The image as the model sees it and the mask resampled with it (nearest neighbour), each
+    [slices, 1, S, S]: what training learns from."""
+    size = preprocessing.image_size
     mask = Resize((size, size), mode="nearest")(ls.mask.astype(np.float32))
-    rows, cols = s.volume.shape[1:]
-    spacing = (s.spacing[0], s.spacing[1] * rows / size, s.spacing[2] * cols / size)
-    return Volume(s.patient_id, prepare_image(s, preprocessing), np.asarray(mask).astype(np.uint8), spacing)
+    return prepare_image(ls.series, preprocessing), np.asarray(mask).astype(np.uint8)[:, None]
+
+
+def validation_volume(ls: LabelledSeries, preprocessing: Preprocessing) -> Volume:
+    """The image as the model sees it; the labels and spacing as the series has them."""
+    s = ls.series
+    return Volume(s.patient_id, prepare_image(s, preprocessing), np.asarray(ls.mask, dtype=np.uint8), s.spacing)
 
 
 def split_patients(patients: Sequence[str], val_fraction: float, key: bytes) -> tuple[list[str], list[str]]:
@@ -127,10 +134,12 @@ def load_site(folder: str, class_names: tuple[str, ...], preprocessing: Preproce
     """Load once per process (the site guard keeps it warm)."""
     labelled, report = load_site_series(Path(folder), class_names)
     train_ids, val_ids = split_patients([ls.series.patient_id for ls in labelled], val_fraction, split_key)
-    volumes = [(ls.series.patient_id, preprocess(ls, preprocessing)) for ls in labelled]
-    train = [Patient(pid, np.concatenate([v.image for p, v in volumes if p == pid]),
-                     np.concatenate([v.mask for p, v in volumes if p == pid])[:, None]) for pid in train_ids]
-    return SiteData(folder=folder, train=train, validation=[v for p, v in volumes if p in val_ids], report=report)
+    train = []
+    for pid in train_ids:
+        images, masks = zip(*(training_slices(ls, preprocessing) for ls in labelled if ls.series.patient_id == pid))
+        train.append(Patient(pid, np.concatenate(images), np.concatenate(masks)))
+    validation = [validation_volume(ls, preprocessing) for ls in labelled if ls.series.patient_id in val_ids]
+    return SiteData(folder=folder, train=train, validation=validation, report=report)
 
 
 def augmentation(seed: int) -> Compose:

@@ -1,6 +1,7 @@
 """A 2D model over a volume, slice by slice (MONAI's SliceInferer), the same way in validation, in the
-run report and in prediction; for prediction the mask is brought back on the series' own pixel grid,
-so a SEG or NIfTI written from it overlays the source images exactly."""
+run report and in prediction: the mask is brought back on the series' own pixel grid, so a SEG or
+NIfTI written from it overlays the source images exactly, and a site's validation Dice is the Dice
+of what prediction writes."""
 
 from __future__ import annotations
 
@@ -22,20 +23,22 @@ def slice_logits(model: torch.nn.Module, image: np.ndarray | torch.Tensor, devic
     return inferer(volume, model.eval().to(device))[0].movedim(1, 0)
 
 
-def predict_labels(model: torch.nn.Module, image: np.ndarray, device: torch.device) -> np.ndarray:
-    """Class indices [slices, S, S] of a preprocessed volume, on the model's own grid."""
-    return slice_logits(model, image, device).argmax(dim=1).numpy()
-
-
 @torch.no_grad()
+def native_labels(model: torch.nn.Module, image: np.ndarray, grid: tuple[int, int], device: torch.device,
+                  batch: int = 32) -> np.ndarray:
+    """Class indices [slices, rows, cols] uint8 on the series' own pixel grid (`grid`: rows, cols) of
+    its preprocessed volume `image` [slices, 1, S, S]. Class scores are upsampled before the argmax,
+    `batch` slices at a time, so boundaries are smooth at the original resolution and full-resolution
+    scores are never held for the whole series."""
+    logits = slice_logits(model, image, device, batch)
+    masks = [F.interpolate(chunk.to(device), size=grid, mode="bilinear", align_corners=False).argmax(dim=1).to(torch.uint8).cpu()
+             for chunk in logits.split(batch)]
+    return torch.cat(masks).numpy()
+
+
 def segment_series(model: torch.nn.Module, series: Series, preprocessing: Preprocessing, device: torch.device,
                    batch: int = 32) -> np.ndarray:
     """Class indices, [slices, rows, cols] uint8, aligned with `series.volume`, of the series prepared
-    as the model was trained (`preprocessing`, from its run config). Class scores are
-    upsampled before the argmax, `batch` slices at a time, so boundaries are smooth at the original
-    resolution and full-resolution scores are never held for the whole series."""
-    logits = slice_logits(model, prepare_image(series, preprocessing), device, batch)
+    as the model was trained (`preprocessing`, from its run config)."""
     rows, cols = series.volume.shape[1:]
-    masks = [F.interpolate(chunk.to(device), size=(rows, cols), mode="bilinear", align_corners=False).argmax(dim=1).to(torch.uint8).cpu()
-             for chunk in logits.split(batch)]
-    return torch.cat(masks).numpy()
+    return native_labels(model, prepare_image(series, preprocessing), (rows, cols), device, batch)

@@ -87,7 +87,7 @@ def _overlays(run_dir: Path, site_dirs: Sequence[str], path: Path, per_site: int
     """Truth and prediction side by side on one patient per site, on its slices with the most
     foreground (drawn only where the data is: a simulation's researcher, or at the site itself)."""
     from common.dataset import Preprocessing, load_site
-    from common.inference import predict_labels
+    from common.inference import native_labels
 
     global_model = load_global_model(run_dir)
     names = class_names(global_model.config)
@@ -97,7 +97,7 @@ def _overlays(run_dir: Path, site_dirs: Sequence[str], path: Path, per_site: int
         if not data.validation:
             continue
         volume = data.validation[0]
-        pred = predict_labels(global_model.model, volume.image, torch.device("cpu"))
+        pred = native_labels(global_model.model, volume.image, volume.mask.shape[1:], torch.device("cpu"))
         dice = foreground_dice(class_metrics(pred, volume.mask, len(names), volume.spacing)["dice"])
         for k in most_labelled_slices(volume.mask, per_site):
             panels.append((volume.image[k, 0], volume.mask[k], f"{volume.patient_id} truth"))

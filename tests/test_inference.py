@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from common.config import run_config
 from common.dataset import Preprocessing, prepare_image
 from common.dicom_io import Series
-from common.inference import predict_labels, segment_series, slice_logits
+from common.inference import native_labels, segment_series, slice_logits
 from common.model import build_model
 
 
@@ -42,7 +42,7 @@ def test_slice_logits_are_the_model_on_each_slice_in_batches_of_at_most_batch():
     assert model.batches == [4, 4, 2]  # a long series never goes to the device whole
     expected = _one_by_one(model.model, image)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
-    labels = predict_labels(model.model, image, torch.device("cpu"))
+    labels = native_labels(model.model, image, (16, 16), torch.device("cpu"))  # on the model's own grid: no resampling
     decided = _decided(expected).numpy()
     assert labels.shape == (10, 16, 16)
     np.testing.assert_array_equal(labels[decided], expected.argmax(dim=1).numpy()[decided])

@@ -134,7 +134,7 @@ def load_site(folder: str, class_names: tuple[str, ...], preprocessing: Preproce
     """Load once per process (the site guard keeps it warm)."""
     labelled, report = load_site_series(Path(folder), class_names)
     train_ids, val_ids = split_patients([ls.series.patient_id for ls in labelled], val_fraction, split_key)
-    train = []
+    train: list[Patient] = []
     for pid in train_ids:
         images, masks = zip(*(training_slices(ls, preprocessing) for ls in labelled if ls.series.patient_id == pid))
         train.append(Patient(pid, np.concatenate(images), np.concatenate(masks)))

@@ -16,8 +16,8 @@ from common.dicom_io import LabelledSeries, Series, load_site_series
 from common.inference import segment_series, slice_logits
 from common.metrics import class_metrics, foreground_dice
 from common.overlays import draw_overlays
+from tests.conftest import CLASSES
 
-CLASSES = ("background", "organ", "lesion")
 CPU = torch.device("cpu")
 PREPROCESSING = Preprocessing.from_config(run_config({"image-size": 64}))
 

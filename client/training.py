@@ -38,7 +38,7 @@ Event = tuple[float, float, int]  # (noise multiplier, sample rate, steps): one 
 class RoundPlan:
     """What a round will spend, known before any data is touched."""
 
-    sample_rate: float  # what the accountant charges: expected patients per step / the planned (binned-down) count
+    sample_rate: float  # expected patients per step / the planned (binned-down) count; what is sampled and charged
     steps: int
     noise_multiplier: float  # 0: not private
     patients: int  # the count it was planned on (the site's, binned down): the update is scaled by it too
@@ -121,12 +121,12 @@ def train_round(model: torch.nn.Module, patients: Sequence[Patient], settings: T
     global_weights = [p.detach().clone() for p in model.parameters()]
     names = [n for n, _ in model.named_parameters()]
     buffers = {n: b.detach() for n, b in model.named_buffers()}
-    # The planned batch (from the binned-down count) is what Opacus divides the noisy sum by, and what the
-    # sampler expects from the patients actually here: nothing of len(patients) shows in the scale of the
-    # released weights (it would give the exact count away), and steps are as long as the run asks. The
-    # accountant charges plan.sample_rate, at least this rate: an upper bound.
+    # Patients are sampled at plan.sample_rate, the rate the accountant charges: a rate that moved with
+    # len(patients) would change every other patient's chance of being sampled when one is added, which
+    # the accountant does not cover. Opacus divides the noisy sum by the batch expected of the planned
+    # (binned-down) count, not of len(patients): the noise's size in the released weights would give the
+    # exact count away. So steps are up to N / N_binned longer than the run asks.
     expected_batch = plan.sample_rate * plan.patients
-    sample_rate = expected_batch / len(patients)
     lr = round_learning_rate(settings)
     optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=settings.momentum)
     if plan.noise_multiplier > 0:
@@ -139,7 +139,7 @@ def train_round(model: torch.nn.Module, patients: Sequence[Patient], settings: T
         return loss_fn(functional_call(model, (params, buffers), (images,)), onehot)
 
     per_patient = vmap(grad_and_value(loss_of), in_dims=(None, 0, 0))
-    sampler = UniformWithReplacementSampler(num_samples=len(patients), sample_rate=sample_rate, generator=sampling, steps=plan.steps)
+    sampler = UniformWithReplacementSampler(num_samples=len(patients), sample_rate=plan.sample_rate, generator=sampling, steps=plan.steps)
     losses: list[float] = []
     for batch in sampler:
         optimizer.zero_grad(set_to_none=True)

@@ -1,6 +1,6 @@
 """The exact patient count does not leave in the size of the noise: Opacus divides the noisy sum
-by the expected batch, planned on the binned count, so two sites in one bin scale their updates alike,
-and each samples that planned batch from the patients it holds (steps as long as the run asks)."""
+by the expected batch, planned on the binned count, so two sites in one bin scale their updates alike;
+and patients are sampled at the rate the accountant charges, whatever their exact count."""
 
 import math
 
@@ -32,11 +32,11 @@ def test_update_scale_depends_on_the_patient_bin_not_the_exact_count(tiny_site, 
         scales.append(kwargs["expected_batch_size"])
         real_init(self, optimizer, **kwargs)
     monkeypatch.setattr(training.DPOptimizer, "__init__", recording)
-    expected_sampled = []
+    rates = []
     real_sampler = training.UniformWithReplacementSampler
 
     def sampler(*, num_samples, sample_rate, **kwargs):
-        expected_sampled.append(num_samples * sample_rate)
+        rates.append(sample_rate)
         return real_sampler(num_samples=num_samples, sample_rate=sample_rate, **kwargs)
     monkeypatch.setattr(training, "UniformWithReplacementSampler", sampler)
     for count in (2, 3):  # one bin of 2: the site plans on 2 patients whichever it holds
@@ -44,4 +44,6 @@ def test_update_scale_depends_on_the_patient_bin_not_the_exact_count(tiny_site, 
         plan = training.plan_round(settings, planned, guard.policy.delta)
         training.train_round(build_model(3), patients[:count], settings, plan, 1, torch.device("cpu"))
     assert scales == [1.0, 1.0]  # sampling rate 1 / 2 x the 2 planned patients, not x 2 and x 3
-    assert expected_sampled == pytest.approx([1.0, 1.0])  # 1 patient expected per step from 2 and from 3, not 1.5 from 3
+    # Charged and sampled alike: a rate of the exact count (1 / 3 here) would change the other patients'
+    # chance of being sampled when one is added, which the accountant does not cover.
+    assert rates == [plan.sample_rate] * 2 == [0.5, 0.5]

@@ -32,6 +32,7 @@ class Option:
 
 
 HU_BOUNDS = (-2048.0, 4096.0)  # what a CT window may span: the lung window reaches -1350 HU, bone +1500 and more
+MIN_CT_WIDTH = 10.0  # HU: narrower than any clinical window; a width near float32's resolution gives NaN images
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 
 OPTIONS: dict[str, Option] = {
@@ -130,15 +131,15 @@ def run_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
 
 
 def parse_ct_window(text: str) -> tuple[float, float]:
-    """'LOW,HIGH' in HU -> (LOW, HIGH); anything else (not two finite numbers, LOW >= HIGH, outside
-    HU_BOUNDS) is a ValueError that says what is expected."""
+    """'LOW,HIGH' in HU -> (LOW, HIGH); anything else (not two finite numbers, narrower than
+    MIN_CT_WIDTH, outside HU_BOUNDS) is a ValueError that says what is expected."""
     try:
         low, high = (float(part) for part in str(text).split(","))
     except ValueError:
         low = high = math.nan
-    if not HU_BOUNDS[0] <= low < high <= HU_BOUNDS[1]:  # False for NaN
-        raise ValueError(f"ct-window must be 'LOW,HIGH' in HU with {HU_BOUNDS[0]:g} <= LOW < HIGH <= {HU_BOUNDS[1]:g}, "
-                         f"got {text!r}")
+    if not (HU_BOUNDS[0] <= low < high <= HU_BOUNDS[1] and high - low >= MIN_CT_WIDTH):  # False for NaN
+        raise ValueError(f"ct-window must be 'LOW,HIGH' in HU with {HU_BOUNDS[0]:g} <= LOW, LOW + {MIN_CT_WIDTH:g} <= HIGH "
+                         f"<= {HU_BOUNDS[1]:g}, got {text!r}")
     return low, high
 
 

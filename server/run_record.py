@@ -309,8 +309,9 @@ class RunRecord:
     def resume(cls, run_dir: str | Path, config: dict[str, Any]) -> tuple[RunRecord, dict[str, Any], int]:
         """The record of an interrupted run, cut back to its last completed round, and that round's
         checkpoint. Only `config`'s RESUMABLE keys override the run's own configuration; keys the run
-        predates (`ct-window`) take `config`'s, their defaults, which is what the run used."""
-        from common.config import RESUMABLE
+        predates (`ct-window`) take their defaults, which is what the run used (not `config`'s: a
+        resume asking for another value must not change it mid-run)."""
+        from common.config import RESUMABLE, RUN_DEFAULTS
 
         run_dir = Path(run_dir)
         try:
@@ -322,7 +323,7 @@ class RunRecord:
             raise ResumeError(f"cannot resume from {run_dir}: no round was completed")
         last = completed.round
         checkpoint = torch.load(run_dir / "checkpoints" / f"global_model-round{last:03d}.pt", weights_only=True)
-        record = cls(run_dir, {**config, **history.config, **{k: config[k] for k in RESUMABLE if k in config}})
+        record = cls(run_dir, {**RUN_DEFAULTS, **history.config, **{k: config[k] for k in RESUMABLE if k in config}})
         record.rounds = {r.round: r.to_json() for r in history.rounds if r.round <= last}
         record.site_nodes = dict(history.site_nodes)
         record.class_codes = dict(history.class_codes)

@@ -30,6 +30,7 @@ from common.parameters import model_arrays
 from common.processes import descendants, free_port, port_open
 from server import control
 from server.superlink import ServerFolder, write_connection
+from simulations.federation import federation_dir
 from tests.commands import Background, require_nginx
 from tests.commands import fedseg as _fedseg
 
@@ -52,7 +53,7 @@ def federation(tmp_path_factory):
     with ThreadPoolExecutor(len(setup)) as pool:  # independent of each other: their start-ups overlap
         for made in pool.map(lambda args: _fedseg(*args, cwd=root), setup):
             assert made.returncode == 0, f"{made.args}: {made.stdout}{made.stderr}"
-    data = root / "demo" / "federation-v4-tiny-2sites-seed0"
+    data = federation_dir(root / "demo", 2, 0, "tiny")
     if os.geteuid() == 0:  # sites then run their courier as an unprivileged user, who must be able to run this Python
         ensure_user()
         let_courier_run_python()

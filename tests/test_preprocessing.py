@@ -53,9 +53,10 @@ def test_bone_saturates_under_the_default_window_and_not_under_a_bone_window():
 
 
 @pytest.mark.parametrize("bad", ["240,-160", "100,100", "-160", "-160,240,400", "soft,tissue", "nan,240", "-160,inf",
-                                 "-5000,240", "-160,1e9", ""])
+                                 "-5000,240", "-160,1e9", "",
+                                 "0,1e-46", "100,105"])  # below float32's resolution: NaN images; narrower than any window
 def test_a_bad_window_is_refused_with_what_is_expected(bad):
-    with pytest.raises(ValueError, match=r"ct-window must be 'LOW,HIGH' in HU with -2048 <= LOW < HIGH <= 4096"):
+    with pytest.raises(ValueError, match=r"ct-window must be 'LOW,HIGH' in HU with -2048 <= LOW, LOW \+ 10 <= HIGH <= 4096"):
         run_config({"ct-window": bad})
     with pytest.raises(RunOptionsError, match="ct-window must be"):
         run_overrides(_parsed(f"--ct-window={bad}"), None)

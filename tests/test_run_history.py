@@ -100,7 +100,8 @@ def test_an_older_history_loads_and_resume_picks_the_same_round_as_before(tmp_pa
     assert history.last_validated().round == 2 and math.isnan(history.last_validated().dice)  # null Dice: validated, undefined
     assert run_status(tmp_path) is None
 
-    record, checkpoint, done = RunRecord.resume(tmp_path, run_config({"resume": True, "num-server-rounds": 6}))
+    # A resume that asks for another window (flwr run's config) does not change the run's mid-way.
+    record, checkpoint, done = RunRecord.resume(tmp_path, run_config({"resume": True, "num-server-rounds": 6, "ct-window": "-200,1500"}))
     assert done == before and checkpoint["round"] == before
     assert [record.rounds[n] for n in sorted(record.rounds)] == old["rounds"][:3]  # kept as they were
     assert record.elapsed_before == 0.0 and record.config["num-server-rounds"] == 6

@@ -27,7 +27,7 @@ from client.site_policy import SitePolicy
 from client.site_state import SiteState
 from client.training import RoundPlan, evaluate, plan_round, train_round
 from common.array_codec import Arrays, arrays_sha256
-from common.class_codes import Pair, describe, releasable
+from common.class_codes import Pair, releasable
 from common.config import TrainSettings, class_names
 from common.dataset import Preprocessing, SiteData, load_site
 from common.model import build_model, pick_device
@@ -199,13 +199,13 @@ class SiteGuard:
         return {"status": "ok", "code": "", "site": self.name, "metrics": metrics, "class_codes": codes}, out
 
     def class_codes(self, data: SiteData) -> dict[str, Pair]:
-        """What each class is, as the site's SEGs code it: per class the (category, type) most of them
-        use, as code pairs of pydicom's dictionary, never text from the files. A class whose pair the
-        dictionary does not know releases nothing, and the site's log says which."""
-        codes, unknown = releasable(data.report.class_codes if data.report else {})
-        for name, pair in unknown.items():
-            log.warning("%s: class %r is coded %s in most of its DICOM-SEGs, which pydicom's code dictionary does not "
-                        "know: its codes are not released", self.name, name, describe(pair))
+        """What each class is, as the site's SEGs code it: per class the (category, type) pair every SEG
+        the site uses codes it with, when at least `example_count_bin` of them do, as segmentation
+        property codes of pydicom's dictionary, never text from the files (`common.class_codes.releasable`).
+        A class that releases nothing is named, with why, in the site's log only."""
+        codes, withheld = releasable(data.report.class_codes if data.report else {}, self.policy.example_count_bin)
+        for name, why in withheld.items():
+            log.warning("%s: class %r: its codes are not released: %s", self.name, name, why)
         return codes
 
     def validate(self, run: str, server_round: int, request: Mapping[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:

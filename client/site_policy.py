@@ -33,7 +33,7 @@ class SitePolicy:
     validations_per_day: int = 48  # every validation, all runs together: rounded metrics are not noised, their number is the bound
     metrics: tuple[str, ...] = ("dice", "dice-per-class", "hd95")  # what validation may release
     precision: int = 2  # decimals of every released metric
-    example_count_bin: int = 10  # the training example count leaves rounded up to this
+    example_count_bin: int = 10  # the training example count leaves rounded up to this; and the fewest SEGs that release a class's codes
     ledger_genesis: str = ""  # the hash of this site's ledger's first line: a replaced ledger is caught
 
     def __post_init__(self) -> None:

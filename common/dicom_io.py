@@ -68,7 +68,7 @@ class LabelledSeries:
     series: Series
     mask: np.ndarray  # [slices, rows, cols] class indices, uint8
     label_source: str
-    codes: dict[str, Pair] = field(default_factory=dict)  # class name → its segment's coding (a SEG's; NIfTI has none)
+    codes: dict[str, set[Pair]] = field(default_factory=dict)  # class name → its segments' codings (a SEG's; NIfTI has none)
 
 
 @dataclass
@@ -78,7 +78,7 @@ class LoadReport:
     folder: str
     used: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
-    class_codes: dict[str, Counter[Pair]] = field(default_factory=dict)  # class name → how many used SEGs code it so
+    class_codes: dict[str, Counter[Pair]] = field(default_factory=dict)  # class name → how many used SEGs code it so (any segment)
 
     def skip(self, what: str | Path, reason: str) -> None:
         self.skipped.append({"path": str(what), "reason": reason})
@@ -254,9 +254,10 @@ def _segment_classes(seg: hd.seg.Segmentation, class_names: Sequence[str]) -> tu
     return {n: n for n in numbers if 0 < n < len(class_names)}, "by segment number (no label matched the classes)"
 
 
-def read_seg_mask(seg_path: Path, series: Series, class_names: Sequence[str]) -> tuple[np.ndarray, str, dict[str, Pair]]:
+def read_seg_mask(seg_path: Path, series: Series, class_names: Sequence[str]) -> tuple[np.ndarray, str, dict[str, set[Pair]]]:
     """The SEG's segments as one class-index volume aligned slice by slice with `series`, and the
-    coding (segmented property category and type) of the segment each class was read from."""
+    codings (segmented property category and type) of the segments each class was read from: all of
+    them, so a second segment of a class cannot hide its code."""
     ds = read_dicom(seg_path)
     check_pixel_claims(ds, Path(seg_path).stat().st_size, MAX_SEG_PIXELS)
     seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
@@ -273,7 +274,9 @@ def read_seg_mask(seg_path: Path, series: Series, class_names: Sequence[str]) ->
     mask = np.zeros(series.volume.shape, dtype=np.uint8)
     for index in np.argsort([mapping[n] for n in numbers], kind="stable"):  # higher classes win overlaps
         mask[pixels[..., index] > 0] = mapping[numbers[index]]
-    codes = {class_names[mapping[n]]: pair_of(seg.get_segment_description(n)) for n in numbers}
+    codes: dict[str, set[Pair]] = {}
+    for n in numbers:
+        codes.setdefault(class_names[mapping[n]], set()).add(pair_of(seg.get_segment_description(n)))
     return mask, f"DICOM-SEG {Path(seg_path).name} ({how})", codes
 
 
@@ -453,8 +456,8 @@ def load_site_series(folder: str | Path, class_names: Sequence[str]) -> tuple[li
             report.skip(f"series {uid} (patient {patient})", "no label (no DICOM-SEG or NIfTI mask refers to it)")
     result = sorted(labelled.values(), key=lambda ls: (ls.series.patient_id, ls.series.uid))
     for ls in result:
-        for name, pair in ls.codes.items():
-            report.class_codes.setdefault(name, Counter())[pair] += 1
+        for name, pairs in ls.codes.items():
+            report.class_codes.setdefault(name, Counter()).update(pairs)
         report.used.append({"patient_id": ls.series.patient_id, "series_uid": ls.series.uid, "slices": int(ls.series.volume.shape[0]),
                             "label_source": ls.label_source, "location": _location(ls.series.paths), "notes": ls.series.notes})
     if not result:

@@ -41,7 +41,7 @@ def pick_device() -> torch.device:
 @dataclass(frozen=True)
 class GlobalModel:
     """A global-model checkpoint ready to segment: the network, its run config, what identifies it, and
-    what its classes are in codes, as the sites' training SEGs coded them ({} for a checkpoint
+    what its classes are in codes, as the sites' SEGs coded them ({} for a checkpoint
     without: older runs, NIfTI-labelled sites)."""
 
     model: torch.nn.Module

@@ -38,7 +38,7 @@ def write_seg(
     codings: Mapping[str, Coding] | None = None,
 ) -> hd.seg.Segmentation:
     """Write `mask` ([slices, rows, cols] class indices, slices in `source_images` order) as a SEG, each
-    class's segment coded as `codings` says (a model's: what its training SEGs coded), else `GENERIC`."""
+    class's segment coded as `codings` says (a model's: what its sites' SEGs coded), else `GENERIC`."""
     present = [c for c in range(1, len(class_names)) if (mask == c).any()]
     if not present:
         present = [1]  # a SEG needs one segment; an all-empty organ segment says "nothing here"

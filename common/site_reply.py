@@ -10,7 +10,7 @@ A site's reply: `metrics` (MetricRecord), `site` (ConfigRecord: name, status, re
 DP-SGD weights (train only) and, when the train request asked to validate the weights it brought,
 `validation-metrics` and `validation-site` (status, reason) for the previous round's global model.
 A train reply may carry `class-codes` (ConfigRecord: class name → [category scheme, value, type
-scheme, value], codes of pydicom's dictionary only: `common.class_codes`).
+scheme, value], segmentation property codes of pydicom's dictionary only: `common.class_codes`).
 
 The server reads a reply only through `SiteReply.read`, which checks it against the schema below
 first: a site is not trusted, so a reply with a record, key, type or range the protocol does not
@@ -184,15 +184,16 @@ def _metrics_problem(metrics: MetricRecord, train: bool, ok: bool) -> str | None
 
 
 def _codes_problem(codes: ConfigRecord, classes: Sequence[str]) -> str | None:
-    """The class codes: only the run's classes, each four short strings naming concepts of pydicom's dictionary
-    (imported here, on the server: the courier, which only passes the guard's codes on, never loads it)."""
+    """The class codes: only the run's classes, each a segmentation property category (CID 7150) and type
+    (CID 7151) of pydicom's dictionary, as four strings (imported here, on the server: the courier, which
+    only passes the guard's codes on, never loads it)."""
     from common.class_codes import coding
 
     for name, value in codes.items():
         if name not in classes:
             return f"has class codes for {name[:40]!r}, not a class of the run"
         if coding(value) is None:
-            return f"has class codes for {name!r} that are not four codes of pydicom's dictionary"
+            return f"has class codes for {name!r} that are not a segmentation property category and type (CID 7150, 7151)"
     return None
 
 

@@ -356,10 +356,11 @@ class RunRecord:
         return self.round(server_round)["sites"].setdefault(site, {})
 
     def agree_on_codes(self) -> list[str]:
-        """`class_codes` from the sites' (`site_codes`): per class the coding most sites released; the
-        classes they disagree on (what the sites' SEGs say, never which site's patients)."""
+        """`class_codes` from the sites' (`site_codes`): per class the coding a strict majority of the
+        sites that released one for it released; the classes they disagree on (what the sites' SEGs say,
+        never which site's patients)."""
         agreed, disputed = consensus(self.site_codes.values())
-        if agreed:
+        if self.site_codes:
             self.class_codes = stored(agreed)
         return disputed
 

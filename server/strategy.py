@@ -298,14 +298,16 @@ class FederationStrategy(Strategy):
 
     def _class_codes(self, released: Mapping[str, Mapping[str, Pair]]) -> None:
         """The class codes of the sites whose updates are averaged, into the run's record; a class the
-        sites code differently takes the most common coding, and the log says which class (once)."""
+        sites code differently takes the coding a strict majority released, else the generic one, and
+        the log says which class (once)."""
         for name, codes in released.items():
             self.record.site_codes[name] = dict(codes)
         for name in sorted(set(self.record.agree_on_codes()) - self.disputed):
             self.disputed.add(name)
-            chosen = self.record.class_codes[name]
-            log.warning(f"  class {name!r}: the sites' DICOM-SEGs code it differently; the run uses the most common coding, "
-                        f"{chosen['category'][2]} / {chosen['type'][2]}")
+            chosen = self.record.class_codes.get(name)
+            outcome = (f"the run uses the coding most of them released, {chosen['category'][2]} / {chosen['type'][2]}" if chosen
+                       else "no coding has a majority: the run codes it generically (Anatomical Structure)")
+            log.warning(f"  class {name!r}: the sites' DICOM-SEGs code it differently; {outcome}")
 
     def _clip(self, server_round: int, trained: dict[str, Message], update_norms: dict[str, float]) -> None:
         """Scales each update longer than CLIP_RATIO × the median of the other sites' down to that

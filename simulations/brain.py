@@ -26,7 +26,7 @@ from simulations.mr_slice import mr_slice
 
 log = logging.getLogger(__name__)
 
-BRAIN_VERSION = 1
+BRAIN_VERSION = 2  # 2: its SEGs code grey and white matter (Tissue / Gray matter, White matter); also reseeds the data
 CLASS_NAMES = ("background", "grey-matter", "white-matter")
 CLASS_CODES = {"grey-matter": (codes.SCT.Tissue, codes.SCT.GrayMatter), "white-matter": (codes.SCT.Tissue, codes.SCT.WhiteMatter)}
 TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"

@@ -471,9 +471,10 @@ def test_the_server_app_shows_its_progress_on_stdout_once_with_or_without_the_cl
 
 # --- class codes: what a site says its classes are -----------------------------------------------
 
-LIVER = ["SCT", "91772007", "SCT", "10200004"]  # Organ / Liver
-BONE = ["SCT", "85756007", "SCT", "272673000"]  # Tissue / Bone
+LIVER = ["SCT", "91723000", "SCT", "10200004"]  # Anatomical Structure / Liver
+BONE = ["SCT", "85756007", "SCT", "3138006"]  # Tissue / Bone
 LESION = ["SCT", "49755003", "SCT", "52988006"]  # Morphologically Abnormal Structure / Lesion
+NEOPLASM = ["SCT", "49755003", "SCT", "108369006"]  # Morphologically Abnormal Structure / Neoplasm
 
 
 def _coded(node: int, name: str, **codes) -> Message:
@@ -482,31 +483,49 @@ def _coded(node: int, name: str, **codes) -> Message:
     return reply
 
 
-def test_the_run_keeps_the_codes_most_sites_release_and_warns_once_of_a_class_they_disagree_on(tmp_path, caplog):
+def test_the_run_keeps_the_codes_a_majority_of_sites_release_and_warns_once_of_a_class_they_disagree_on(tmp_path, caplog):
     fed = _federation(tmp_path, 3)
     replies = lambda: [_coded(1, "a", organ=LIVER, lesion=LESION), _coded(2, "b", organ=LIVER, lesion=LESION),  # noqa: E731
                        _coded(3, "c", organ=BONE)]
     with caplog.at_level("WARNING", logger="server"):
         assert fed.aggregate_train(1, replies())[0] is not None
         fed.aggregate_train(2, replies())
-    expected = {"organ": {"category": ["SCT", "91772007", "Organ"], "type": ["SCT", "10200004", "Liver"]},
+    expected = {"organ": {"category": ["SCT", "91723000", "Anatomical Structure"], "type": ["SCT", "10200004", "Liver"]},
                 "lesion": {"category": ["SCT", "49755003", "Morphologically Abnormal Structure"], "type": ["SCT", "52988006", "Lesion"]}}
     assert fed.record.class_codes == expected  # the lesion agreed on; the organ by 2 to 1
     warned = [r.getMessage() for r in caplog.records if "code it differently" in r.getMessage()]
-    assert warned == ["  class 'organ': the sites' DICOM-SEGs code it differently; the run uses the most common coding, Organ / Liver"]
+    assert warned == ["  class 'organ': the sites' DICOM-SEGs code it differently; the run uses the coding most of them released, "
+                      "Anatomical Structure / Liver"]
     assert torch.load(tmp_path / "global_model.pt", weights_only=True)["class_codes"] == expected
     assert json.loads((tmp_path / "history.json").read_text())["class_codes"] == expected
 
 
+def test_of_two_sites_that_code_a_class_differently_neither_chooses_the_run_codes_it_generically(tmp_path, caplog):
+    """The attack: in a two-site federation a hostile site codes the lesion as it likes; a tie went to
+    string order, so it won every time. Now a class needs a strict majority, else the generic coding."""
+    fed = _federation(tmp_path, 2)
+    with caplog.at_level("WARNING", logger="server"):
+        fed.aggregate_train(1, [_coded(1, "a", organ=LIVER, lesion=LESION), _coded(2, "hostile", organ=LIVER, lesion=NEOPLASM)])
+    assert fed.record.class_codes == {"organ": {"category": ["SCT", "91723000", "Anatomical Structure"], "type": ["SCT", "10200004", "Liver"]}}
+    assert "class 'lesion': the sites' DICOM-SEGs code it differently; no coding has a majority" in caplog.text
+    assert "lesion" not in torch.load(tmp_path / "global_model.pt", weights_only=True)["class_codes"]  # predicted: generic
+
+
+NOT_CODES = "has class codes for 'organ' that are not a segmentation property category and type (CID 7150, 7151)"
+
+
 @pytest.mark.parametrize("codes, reason", [
-    ({"organ": ["SCT", "91772007", "SCT", "99999999"]}, "has class codes for 'organ' that are not four codes of pydicom's dictionary"),
-    ({"organ": ["99WARD7", "X1", "SCT", "10200004"]}, "has class codes for 'organ' that are not four codes of pydicom's dictionary"),
-    ({"organ": LIVER[:2]}, "has class codes for 'organ' that are not four codes of pydicom's dictionary"),
-    ({"organ": [*LIVER, "Liver of patient X"]}, "has class codes for 'organ' that are not four codes of pydicom's dictionary"),
-    ({"organ": 7}, "has class codes for 'organ' that are not four codes of pydicom's dictionary"),
-    ({"organ": [1, 2, 3, 4]}, "has class codes for 'organ' that are not four codes of pydicom's dictionary"),
-    ({"organ": b"SCT1"}, "has class codes for 'organ' that are not four codes of pydicom's dictionary"),
-    ({"organ": ["SCT", "1" * 100_000, "SCT", "10200004"]}, "has class codes for 'organ' that are not four codes of pydicom's dictionary"),
+    ({"organ": ["SCT", "49755003", "SCT", "165816005"]}, NOT_CODES),  # HIV Positive: pydicom's dictionary, a diagnosis
+    ({"organ": ["SCT", "49755003", "DCM", "111421"]}, NOT_CODES),  # its meaning is over 64 characters: highdicom refuses it
+    ({"organ": ["SCT", "91772007", "SCT", "10200004"]}, NOT_CODES),  # Organ: a type, not a category (CID 7150)
+    ({"organ": ["SCT", "91772007", "SCT", "99999999"]}, NOT_CODES),
+    ({"organ": ["99WARD7", "X1", "SCT", "10200004"]}, NOT_CODES),
+    ({"organ": LIVER[:2]}, NOT_CODES),
+    ({"organ": [*LIVER, "Liver of patient X"]}, NOT_CODES),
+    ({"organ": 7}, NOT_CODES),
+    ({"organ": [1, 2, 3, 4]}, NOT_CODES),
+    ({"organ": b"SCT1"}, NOT_CODES),
+    ({"organ": ["SCT", "1" * 100_000, "SCT", "10200004"]}, NOT_CODES),
     ({"spleen": LIVER}, "has class codes for 'spleen', not a class of the run"),
     ({"background": LIVER}, "has class codes for 'background', not a class of the run"),
     ({"x" * 100_000: LIVER}, f"has class codes for {'x' * 40!r}, not a class of the run"),
@@ -517,4 +536,4 @@ def test_class_codes_that_break_the_schema_reject_the_reply_and_the_round_goes_o
     arrays, _ = fed.aggregate_train(1, [_coded(1, "a", organ=BONE), _coded(2, "b", organ=BONE), _coded(3, "bad", **codes)])
     assert arrays is not None
     assert fed.record.round(1)["sites"]["bad"] == {"status": "rejected", "reason": f"train reply {reason}"}
-    assert fed.record.class_codes == {"organ": {"category": ["SCT", "85756007", "Tissue"], "type": ["SCT", "272673000", "Bone"]}}
+    assert fed.record.class_codes == {"organ": {"category": ["SCT", "85756007", "Tissue"], "type": ["SCT", "3138006", "Bone"]}}

@@ -25,10 +25,9 @@ def _simulate(tmp_path: Path, *args: str) -> dict:
         assert (run_dir / name).is_file(), name
     history = json.loads((run_dir / "history.json").read_text())
     _check_report(run_dir, history)
-    # The generator's SEGs code its classes; the sites released the codes and the run kept them.
-    assert history["class_codes"] == {
-        "organ": {"category": ["SCT", "91772007", "Organ"], "type": ["SCT", "91772007", "Organ"]},
-        "lesion": {"category": ["SCT", "49755003", "Morphologically Abnormal Structure"], "type": ["SCT", "52988006", "Lesion"]}}
+    # The generator's tiny sites have fewer SEGs per class than a site's count bin (10): no codes leave them
+    # (`tests/test_guard.py` follows released codes into a checkpoint).
+    assert history["class_codes"] == {}
     return history
 
 

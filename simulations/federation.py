@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 GENERATOR_VERSION = 4
 CLASS_NAMES = ("background", "organ", "lesion")
 # What the synthetic classes are: the codes their training SEGs carry, so a run on them learns them.
-CLASS_CODES = {"organ": (codes.SCT.Organ, codes.SCT.Organ), "lesion": (codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion)}
+CLASS_CODES = {"organ": (codes.SCT.AnatomicalStructure, codes.SCT.Organ), "lesion": (codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion)}
 
 
 @dataclass(frozen=True)

@@ -279,8 +279,8 @@ def test_audit_log_names_exactly_the_arrays_the_server_received(tiny_site, tmp_p
     assert entry["kind"] == "train" and entry["released_sha256"] == arrays_sha256(_weights(reply))
     assert entry["metrics"] == dict(reply.content["metrics"])
     assert entry["class_codes"] == dict(reply.content["class-codes"])  # the class codes released, as released
-    # the generator codes organ with the category Organ, which CID 7150 does not have: only the lesion leaves
-    assert dict(reply.content["class-codes"]) == {"lesion": ["SCT", "49755003", "SCT", "52988006"]}
+    assert dict(reply.content["class-codes"]) == {"organ": ["SCT", "91723000", "SCT", "91772007"],
+                                                  "lesion": ["SCT", "49755003", "SCT", "52988006"]}
     out = fedseg_here("audit", str(tmp_path), cwd=tmp_path)
     assert out.returncode == 0 and "hash chain OK" in out.stdout and entry["released_sha256"][:16] in out.stdout
     assert "unit of privacy: the patient" in out.stdout
@@ -370,6 +370,7 @@ def test_server_records_a_refusing_site_and_aggregates_the_others(tiny_site, tmp
     assert sites["south"]["reason"] == "budget_exhausted"
     # what the generator's SEGs say the classes are, from the site's files to the run's checkpoint
     assert torch.load(record.dir / "global_model.pt", weights_only=True)["class_codes"] == {
+        "organ": {"category": ["SCT", "91723000", "Anatomical Structure"], "type": ["SCT", "91772007", "Organ"]},
         "lesion": {"category": ["SCT", "49755003", "Morphologically Abnormal Structure"], "type": ["SCT", "52988006", "Lesion"]}}
 
 

@@ -240,8 +240,9 @@ def read_series(files: Sequence[tuple[Path, Header]]) -> Series:
     )
 
 
-def _segment_classes(seg: hd.seg.Segmentation, class_names: Sequence[str]) -> tuple[dict[int, int], str]:
-    """Map SEG segment numbers to our class indices, by label name, else by segment number."""
+def _segment_classes(seg: hd.seg.Segmentation, class_names: Sequence[str], by_number: bool) -> tuple[dict[int, int], str]:
+    """Map SEG segment numbers to our class indices by label name; with `by_number` (a site where no
+    SEG's labels name a class), a SEG whose labels match none is taken by segment number."""
     lookup = {name.lower(): i for i, name in enumerate(class_names) if i > 0}
     by_name = {}
     numbers = list(seg.segment_numbers)
@@ -249,19 +250,20 @@ def _segment_classes(seg: hd.seg.Segmentation, class_names: Sequence[str]) -> tu
         label = str(seg.get_segment_description(n).segment_label).strip().lower()
         if label in lookup:
             by_name[n] = lookup[label]
-    if by_name:
+    if by_name or not by_number:
         return by_name, "by segment label"
-    return {n: n for n in numbers if 0 < n < len(class_names)}, "by segment number (no label matched the classes)"
+    return {n: n for n in numbers if 0 < n < len(class_names)}, "by segment number (no label at the site matched the classes)"
 
 
-def read_seg_mask(seg_path: Path, series: Series, class_names: Sequence[str]) -> tuple[np.ndarray, str, dict[str, set[Pair]]]:
+def read_seg_mask(seg_path: Path, series: Series, class_names: Sequence[str],
+                  by_number: bool = False) -> tuple[np.ndarray, str, dict[str, set[Pair]]]:
     """The SEG's segments as one class-index volume aligned slice by slice with `series`, and the
     codings (segmented property category and type) of the segments each class was read from: all of
     them, so a second segment of a class cannot hide its code."""
     ds = read_dicom(seg_path)
     check_pixel_claims(ds, Path(seg_path).stat().st_size, MAX_SEG_PIXELS)
     seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
-    mapping, how = _segment_classes(seg, class_names)
+    mapping, how = _segment_classes(seg, class_names, by_number)
     if not mapping:
         raise ValueError("no segment maps to a configured class")
     numbers = sorted(mapping)
@@ -409,7 +411,21 @@ def _patient_and_series(files: SeriesFiles) -> tuple[str, str]:
 
 def _label_with_segs(candidates: dict[str, list[Path]], series_by_uid: dict[str, Series], class_names: Sequence[str],
                      report: LoadReport) -> dict[str, LabelledSeries]:
-    """Each series' first SEG that aligns with it and is not empty; the others are named."""
+    """Each series' first SEG that aligns with it and is not empty; the others are named. Segments
+    are matched to classes by label; only at a site where no SEG's labels name a class are they taken
+    by segment number. Per SEG, that guess would read another structure (an organ segment where only
+    the lesion is asked for) as one of ours."""
+    for by_number in (False, True):
+        attempt = LoadReport(folder=report.folder)
+        labelled = _read_segs(candidates, series_by_uid, class_names, attempt, by_number)
+        if labelled:
+            break
+    report.skipped.extend(attempt.skipped)
+    return labelled
+
+
+def _read_segs(candidates: dict[str, list[Path]], series_by_uid: dict[str, Series], class_names: Sequence[str],
+               report: LoadReport, by_number: bool) -> dict[str, LabelledSeries]:
     labelled: dict[str, LabelledSeries] = {}
     for uid, paths in candidates.items():
         for path in paths:
@@ -420,7 +436,7 @@ def _label_with_segs(candidates: dict[str, list[Path]], series_by_uid: dict[str,
                 report.skip(path, f"a second DICOM-SEG for series {uid}; using {labelled[uid].label_source}")
                 continue
             try:
-                mask, source, codes = read_seg_mask(path, series_by_uid[uid], class_names)
+                mask, source, codes = read_seg_mask(path, series_by_uid[uid], class_names, by_number)
             except Exception as err:
                 report.skip(path, f"DICOM-SEG could not be aligned with its series: {_problem(err)}")
                 continue

@@ -196,3 +196,23 @@ def test_generated_site_reads_back_with_labels(tiny_site):
         assert ls.mask.shape == ls.series.volume.shape
         organ_hu = ls.series.volume[ls.mask == 1].mean()
         assert 60 < organ_hu < 150  # the organ is where the SEG says it is (≈105 HU, per-site calibration)
+
+
+def test_segments_are_read_by_number_only_where_no_seg_at_the_site_names_a_class(tmp_path):
+    # A run asking for the lesion alone: one patient's SEG has an organ and a lesion, another's only an
+    # organ. Taking that organ segment by its number (1) would label an organ "lesion".
+    image, mask = blob_volume()
+    both = write_series(tmp_path / "site" / "P1", image, patient="P1")
+    write_seg(tmp_path / "site" / "P1" / "seg.dcm", both, mask, ["Organ", "Lesion"])
+    organ_only = write_series(tmp_path / "site" / "P2", image, patient="P2")
+    write_seg(tmp_path / "site" / "P2" / "seg.dcm", organ_only, (mask == 1).astype(np.uint8), ["Organ"])
+    labelled, report = load_site_series(tmp_path / "site", ("background", "lesion"))
+    assert [ls.series.patient_id for ls in labelled] == ["P1"]
+    np.testing.assert_array_equal(labelled[0].mask, (mask == 2).astype(np.uint8))
+    assert any("no segment maps to a configured class" in s["reason"] for s in report.skipped)
+    # At a site whose SEGs name no class at all, segment numbers are the documented guess.
+    unnamed = write_series(tmp_path / "other" / "P3", image, patient="P3")
+    write_seg(tmp_path / "other" / "P3" / "seg.dcm", unnamed, mask, ["Segment_1", "Segment_2"])
+    [guessed], _ = load_site_series(tmp_path / "other", CLASSES)
+    np.testing.assert_array_equal(guessed.mask, mask)
+    assert "by segment number" in guessed.label_source

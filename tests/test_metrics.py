@@ -1,7 +1,11 @@
 import math
+import warnings
 
 import numpy as np
 import pytest
+import torch
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
+from monai.networks.utils import one_hot
 
 from common.metrics import class_metrics, foreground_dice
 
@@ -45,3 +49,28 @@ def test_headline_dice_is_foreground_only_and_skips_undefined_classes():
     assert foreground_dice(np.array([0.8, np.nan])) == pytest.approx(0.8)
     assert foreground_dice(np.array([0.8, 0.4])) == pytest.approx(0.6)
     assert math.isnan(foreground_dice(np.array([np.nan, np.nan])))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_each_class_scored_on_its_box_gives_the_whole_volume_numbers(seed):
+    # MONAI on the whole volume's one-hot (what class_metrics did before it cropped): the same numbers,
+    # structures touching the volume's edges, missed and absent classes included.
+    rng = np.random.default_rng(seed)
+    shape, spacing = (7, 40, 36), (3.0, 0.8, 1.1)
+    truth, pred = np.zeros(shape, dtype=int), np.zeros(shape, dtype=int)
+    for volume in (truth, pred):
+        for c in (1, 2, 3):
+            if rng.random() < 0.8:
+                lo = rng.integers(0, [5, 30, 26]); hi = lo + rng.integers(1, [4, 14, 14])
+                volume[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = c
+    ours = class_metrics(pred, truth, 4, spacing)
+    p, t = (one_hot(torch.as_tensor(v)[None, None], 4) for v in (pred, truth))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = {"dice": compute_dice(p, t, include_background=False, ignore_empty=True)[0].numpy(),
+                "iou": compute_iou(p, t, include_background=False, ignore_empty=True)[0].numpy(),
+                "hd95": compute_hausdorff_distance(p, t, include_background=False, percentile=95, spacing=list(spacing))[0].numpy()}
+    absent = ~t[0, 1:].reshape(3, -1).any(dim=1).numpy()
+    want["hd95"] = np.where(np.isfinite(want["hd95"]) & ~absent, want["hd95"], np.nan)
+    for name in ("dice", "iou", "hd95"):
+        np.testing.assert_allclose(ours[name], want[name].astype(float), rtol=1e-6, equal_nan=True, err_msg=name)

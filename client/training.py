@@ -32,6 +32,10 @@ from common.losses import patient_loss
 from common.metrics import class_metrics, foreground_dice
 
 Event = tuple[float, float, int]  # (noise multiplier, sample rate, steps): one accountant entry
+# Per-patient gradients are computed this many patients at a time: the same numbers, in a fraction of
+# the memory (measured, `fedseg bench`'s DP-cost epoch, 64 px, 4 slices a patient, 1 thread: peak
+# 278–295 MB against 928–1120 MB for the whole batch at once, equal time within noise).
+PATIENTS_PER_CHUNK = 4
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,7 @@ def train_round(model: torch.nn.Module, patients: Sequence[Patient], settings: T
     def loss_of(params: dict[str, torch.Tensor], images: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
         return loss_fn(functional_call(model, (params, buffers), (images,)), onehot)
 
-    per_patient = vmap(grad_and_value(loss_of), in_dims=(None, 0, 0))
+    per_patient = vmap(grad_and_value(loss_of), in_dims=(None, 0, 0), chunk_size=PATIENTS_PER_CHUNK)
     sampler = UniformWithReplacementSampler(num_samples=len(patients), sample_rate=plan.sample_rate, generator=sampling, steps=plan.steps)
     losses: list[float] = []
     for batch in sampler:

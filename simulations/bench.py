@@ -103,8 +103,9 @@ def _last_validated(history: RunHistory) -> dict[str, dict[str, Any]]:
     return last.sites
 
 
-def _final_sites(history: RunHistory) -> dict[str, dict[str, float]]:
-    return {name: {"dice": history_number(s.get("val_dice")), "hd95_mm": history_number(s.get("val_hd95_mm"))}
+def _final_sites(history: RunHistory) -> dict[str, dict[str, Any]]:
+    return {name: {"dice": history_number(s.get("val_dice")), "hd95_mm": history_number(s.get("val_hd95_mm")),
+                   "dice_per_class": [history_number(d) for d in s.get("val_dice_per_class") or []]}
             for name, s in _last_validated(history).items()}
 
 
@@ -114,9 +115,14 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(defined)) if defined else math.nan
 
 
-def _summary(per_site: dict[str, dict[str, float]]) -> dict[str, Any]:
+def _summary(per_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Means over the sites; per class too (the headline Dice averages classes: a lesion that is never
+    learned hides behind a good organ)."""
+    classes = max((len(s["dice_per_class"]) for s in per_site.values()), default=0)
     return {"per_site": per_site, "mean_dice": _mean([s["dice"] for s in per_site.values()]),
-            "mean_hd95_mm": _mean([s["hd95_mm"] for s in per_site.values()])}
+            "mean_hd95_mm": _mean([s["hd95_mm"] for s in per_site.values()]),
+            "mean_dice_per_class": [_mean([s["dice_per_class"][c] for s in per_site.values() if c < len(s["dice_per_class"])])
+                                    for c in range(classes)]}
 
 
 SLICES_PER_PATIENT = SitePolicy().slices_per_patient
@@ -152,7 +158,8 @@ def centralised(plan: Plan, site_dirs: list[str]) -> dict[str, Any]:
         per_site = {}
         for name, site in data.items():
             m = evaluate(model, site, 3, torch.device("cpu"))
-            per_site[name] = {"dice": m["dice"], "hd95_mm": m["hd95"]}
+            per_site[name] = {"dice": m["dice"], "hd95_mm": m["hd95"],
+                              "dice_per_class": [m[f"dice-class{c}"] for c in range(1, len(class_names(config)))]}
         return {**_summary(per_site), "steps": round_plan.steps, "train_s": seconds}
 
     return {"pooled": trained_on(pooled), "local_only": {name: trained_on(d) for name, d in data.items()}}
@@ -442,12 +449,13 @@ def _per_round(overhead: dict[str, Any]) -> str:
 def table(results: dict[str, Any]) -> str:
     """The markdown table the README shows."""
     sites = sorted(results["pooled"]["per_site"])
-    head = "| method | " + " | ".join(sites) + " | mean Dice | mean HD95 (mm) |"
-    lines = [head, "|---|" + "---:|" * (len(sites) + 2)]
+    head = "| method | " + " | ".join(sites) + " | mean Dice | mean Dice per class | mean HD95 (mm) |"
+    lines = [head, "|---|" + "---:|" * (len(sites) + 3)]
 
     def row(name: str, entry: dict[str, Any]) -> None:
         cells = [cell(entry["per_site"][s]["dice"]) for s in sites]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{cell(entry['mean_dice'])}** | {cell(entry['mean_hd95_mm'], '.1f')} |")
+        per_class = " / ".join(cell(d) for d in entry["mean_dice_per_class"])
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{cell(entry['mean_dice'])}** | {per_class} | {cell(entry['mean_hd95_mm'], '.1f')} |")
 
     row("pooled (all data in one place; ceiling)", results["pooled"])
     for site, entry in sorted(results["local_only"].items()):

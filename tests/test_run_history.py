@@ -198,4 +198,4 @@ def test_the_bench_reads_round_overhead_and_communication_from_the_typed_history
     assert [x["round"] for x in overhead["rounds"]] == [1]
     assert overhead["rounds"][0]["slowest_site_compute_s"] == 3.0  # round 1's training; round 0 had no val_seconds
     assert communication(history) == {"to_site_bytes_per_round": 500.0, "from_site_bytes_per_round": 1000.0}
-    assert _final_sites(history)["site-a"] == {"dice": 0.4, "hd95_mm": 12.34} and math.isnan(_final_sites(history)["site-b"]["hd95_mm"])
+    assert _final_sites(history)["site-a"] == {"dice": 0.4, "hd95_mm": 12.34, "dice_per_class": [0.8, 0.0]} and math.isnan(_final_sites(history)["site-b"]["hd95_mm"])

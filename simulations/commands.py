@@ -24,6 +24,16 @@ def _patients(text: str) -> int:
     return count
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds are whole numbers separated by commas, e.g. 0,1,2; not {text!r}") from None
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError("seeds must differ from one another and be 0 or more")
+    return seeds
+
+
 def _default_cache() -> str:
     return os.environ.get("FEDSEG_CACHE", str(Path.home() / ".cache" / "fedseg"))
 
@@ -97,7 +107,7 @@ def _bench(args: argparse.Namespace) -> int:
         print((out / "table.md").read_text())
         print(f"results: {out} (results.json, table.md; each run's server, site and run logs)")
         return 0
-    run_bench(plan, out, Path(args.cache_dir), deployment=not args.quick)
+    run_bench(plan, out, Path(args.cache_dir), deployment=not args.quick, seeds=args.seeds)
     print((out / "table.md").read_text())
     print(f"results: {out} (results.json, table.md, dice_vs_round.png, dice_vs_epsilon.png, cost.png; runs/ and logs/)")
     return 0
@@ -136,6 +146,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--scan-only", action="store_true",
                        help="only the site scan: time and peak memory of loading a --files-file folder and the hostile files (~2 min)")
     bench.add_argument("--files", type=int, default=10_000, help="files in the --scan-only site folder (default 10000)")
-    bench.add_argument("--out", help="results folder (default results/bench-<plan>-<time>)")
+    bench.add_argument("--seeds", type=_seeds, metavar="S,S,...",
+                       help="seeds for the accuracy rows (default: the plan's, 0,1,2 for the full bench; 0 for --quick)")
+    bench.add_argument("--out", help="results folder (default results/bench-<plan>-<time>); runs an earlier call finished there are "
+                                     "reused, so the same --out continues a bench that was cut short")
     bench.add_argument("--cache-dir", default=_default_cache())
     bench.set_defaults(func=_bench)

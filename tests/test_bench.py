@@ -21,10 +21,13 @@ def test_quick_benchmark_fills_every_row_with_a_measurement(tmp_path):
     r = json.loads((out / "results.json").read_text())
     sites = {"site-01", "site-02"}
     assert set(r["pooled"]["per_site"]) == sites and set(r["local_only"]) == sites
-    for entry in [r["pooled"], *r["local_only"].values(), *r["federated"].values(), *r["dp"].values()]:
+    assert r["seeds"] == [0] and set(r["patients"]) == {"3", "4"}  # the sweep's row and the size's own count (the ε 8 row)
+    assert r["patients"]["3"]["per_site_range"] == [3, 4] and r["patients"]["4"]["mean_dice"] == r["dp"]["8"]["mean_dice"]
+    for entry in [r["pooled"], *r["local_only"].values(), *r["federated"].values(), *r["dp"].values(), *r["patients"].values()]:
         assert all(0.0 <= s["dice"] <= 1.0 for s in entry["per_site"].values())
         assert len(entry["mean_dice_per_class"]) == 2  # organ, lesion: each reported, not only their mean
         assert all(0.0 <= d <= 1.0 or math.isnan(d) for d in entry["mean_dice_per_class"])
+        assert set(entry["seeds"]) == {"0"} and math.isnan(entry["mean_dice_sd"])  # one seed: no spread to show
     assert set(r["federated"]) == {"fedavg", "fedprox", "fedadam"} and set(r["dp"]) == {"8"}
     assert 0 < r["dp"]["8"]["epsilon_spent"] <= 8.05  # the accountant's ε, within the target
     # Same number of optimisation steps for the pool as for all sites together.
@@ -40,8 +43,9 @@ def test_quick_benchmark_fills_every_row_with_a_measurement(tmp_path):
     assert r["inference_256"]["cpu_slices_per_s"] > 0
     assert set(r["real"]["no_dp"]["per_site"]) == {"brain-01", "brain-02"} and math.isfinite(r["real"]["no_dp"]["mean_dice"])
     table = (out / "table.md").read_text()
-    for row in ("mean Dice per class", "pooled", "site-01 alone", "fedprox, no DP", "fedavg, DP ε = 8", "DP-SGD vs SGD", "bytes per site per round",
-                "2 simulated sites", "real scans (MNI152", "inference, 256x256", "federated Dice ≥ 0.99 × pooled"):
+    for row in ("mean Dice per class", "pooled", "site-01 alone", "fedprox, no DP", "fedavg, DP ε = 8", "ε = 8, 3–4 patients per site",
+                "DP-SGD vs SGD", "bytes per site per round", "2 simulated sites", "real scans (MNI152", "inference, 256x256",
+                "federated non-DP Dice ≥ 0.97 × pooled", "lesion ≥ 0.70"):
         assert row in table, row
-    for plot in ("dice_vs_round.png", "dice_vs_epsilon.png", "cost.png"):
+    for plot in ("dice_vs_round.png", "dice_vs_epsilon.png", "dice_vs_patients.png", "cost.png"):
         assert (out / plot).read_bytes().startswith(b"\x89PNG")

@@ -1,0 +1,67 @@
+"""The bench's bookkeeping, without training: a row over several seeds keeps its spread, and a run a
+results folder already finished is read back while one cut short is run again."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+
+from simulations import bench
+
+
+def _row(dice: float, lesion: float, wall: float) -> dict:
+    sites = {"site-01": {"dice": dice, "hd95_mm": 10.0, "dice_per_class": [2 * dice - lesion, lesion]},
+             "site-02": {"dice": dice + 0.1, "hd95_mm": math.nan, "dice_per_class": [2 * dice + 0.2 - lesion, lesion]}}
+    return {**bench._summary(sites), "wall_s": wall, "epsilon_spent": 7.9 + wall / 100, "dice_by_round": [0.0, dice]}
+
+
+def test_a_row_over_seeds_averages_each_site_and_class_and_keeps_the_spread():
+    row = bench.over_seeds({0: _row(0.5, 0.2, 10.0), 1: _row(0.7, 0.4, 20.0), 2: _row(0.6, 0.3, 30.0)})
+    assert row["per_site"]["site-01"]["dice"] == pytest.approx(0.6) and row["per_site"]["site-02"]["dice"] == pytest.approx(0.7)
+    assert row["mean_dice"] == pytest.approx(0.65)
+    assert row["mean_dice_sd"] == pytest.approx(0.1)  # the site-means 0.55, 0.75, 0.65: sample sd
+    assert row["mean_dice_per_class"] == pytest.approx([1.0, 0.3]) and row["mean_dice_per_class_sd"][1] == pytest.approx(0.1)
+    assert math.isnan(row["per_site"]["site-02"]["hd95_mm"])  # undefined at every seed stays undefined
+    assert row["wall_s"] == pytest.approx(20.0) and row["epsilon_spent"] == pytest.approx(8.2)  # ε: the largest spent
+    assert row["dice_by_round"] == pytest.approx([0.0, 0.6])
+    assert set(row["seeds"]) == {"0", "1", "2"} and row["seeds"]["1"]["mean_dice"] == pytest.approx(0.75)
+    one = bench.over_seeds({0: _row(0.5, 0.2, 10.0)})
+    assert math.isnan(one["mean_dice_sd"]) and "±" not in bench._spread(one["mean_dice"], one["mean_dice_sd"])
+    assert bench._spread(row["mean_dice"], row["mean_dice_sd"]) == "0.650 ± 0.100"
+
+
+def test_a_finished_run_is_reused_and_one_cut_short_runs_again(tmp_path, monkeypatch):
+    from tests.test_run_history import _written_run
+
+    history_dir = tmp_path / "written"
+    history_dir.mkdir()
+    _written_run(history_dir)
+    plan = bench.PLANS["quick"]
+    calls = []
+
+    def fake_run(command, log):  # what `fedseg simulate` leaves: the run's history
+        calls.append(command)
+        run_dir = command[command.index("--out") + 1]
+        shutil.copy(history_dir / "history.json", f"{run_dir}/history.json")
+        return 0, 12.5, 300.0
+
+    def make_run_dir(command, log):
+        run_dir = tmp_path / "out" / "runs" / "fedavg-seed0"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return fake_run(command, log)
+
+    (tmp_path / "out" / "logs").mkdir(parents=True)
+    cut_short = tmp_path / "out" / "runs" / "fedavg-seed0"
+    cut_short.mkdir(parents=True)
+    (cut_short / "half-written").write_text("")
+    monkeypatch.setattr(bench, "run_measured", make_run_dir)
+    first = bench.simulate(plan, "fedavg-seed0", tmp_path / "out", tmp_path / "cache", "--epsilon", "8", seed=3, patients=7)
+    assert len(calls) == 1 and not (cut_short / "half-written").exists()  # started again from nothing
+    assert calls[0][calls[0].index("--seed") + 1] == "3" and calls[0][calls[0].index("--patients") + 1] == "7"
+    assert json.loads((cut_short / "bench-run.json").read_text()) == {"wall_s": 12.5, "peak_mb": 300.0}
+    again = bench.simulate(plan, "fedavg-seed0", tmp_path / "out", tmp_path / "cache", "--epsilon", "8", seed=3, patients=7)
+    assert len(calls) == 1  # read back, not run
+    assert again["wall_s"] == first["wall_s"] == 12.5 and again["history"].rounds == first["history"].rounds

@@ -73,10 +73,11 @@ class SitePolicy:
         return self.example_count_bin * max(1, math.ceil(count / self.example_count_bin))
 
     def binned_down(self, count: int) -> int:
-        """The patient count the sampling rate is planned on: rounded down to the bin, so σ, steps and
-        ε (all released) depend on the bin, not the exact count. Sampling at that (higher) rate is
-        what the accountant is told: exact, and conservative."""
-        return max(min(count, self.example_count_bin), self.example_count_bin * (count // self.example_count_bin))
+        """The patient count the sampling rate is planned on: rounded down to the bin, and one full bin
+        below it, so σ, steps, ε and the update's scale (all released) depend on the bin, never on the
+        exact count. Patients are sampled at that rate, which is what the accountant is told; below one
+        bin the site samples, and divides, as if it held a full bin: its update is smaller, not riskier."""
+        return self.example_count_bin * max(1, count // self.example_count_bin)
 
     @classmethod
     def load(cls, path: Path) -> SitePolicy:

@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -91,25 +91,25 @@ def run_measured(command: list[str], log: Path) -> tuple[int, float, float]:
 def simulate(plan: Plan, label: str, out: Path, cache: Path, *options: str, seed: int, sites: int | None = None,
              size: str | None = None, patients: int | None = None, data_root: Path | None = None) -> dict[str, Any]:
     """One `fedseg simulate` run; its history plus wall time and peak memory. A run this results
-    folder already finished is read back, not repeated; one cut short starts again."""
-    run_dir = out / "runs" / label
-    record = run_dir / "bench-run.json"
-    if record.is_file():
-        log.info(f"{label}: finished by an earlier call on this folder, reused")
-        return {"history": RunHistory.read(run_dir), **json.loads(record.read_text())}
-    shutil.rmtree(run_dir, ignore_errors=True)
+    folder already finished with the same arguments is read back, not repeated; any other starts again."""
     source = ["--data-root", str(data_root)] if data_root else ["--sites", str(sites or plan.sites), "--size", size or plan.size]
     if patients is not None:
         source += ["--patients", str(patients)]
-    command = [sys.executable, "-m", "common.cli", "simulate", *source, "--rounds", str(plan.rounds),
-               "--local-epochs", str(plan.local_epochs), "--image-size", str(plan.image_size), "--batch-size", str(plan.batch_size),
-               "--seed", str(seed), "--cache-dir", str(cache), "--out", str(run_dir),
-               "--ledger-dir", str(run_dir / "sites"), *options]  # each benchmark run is its own experiment
+    arguments = ["simulate", *source, "--rounds", str(plan.rounds), "--local-epochs", str(plan.local_epochs), "--image-size",
+                 str(plan.image_size), "--batch-size", str(plan.batch_size), "--seed", str(seed), "--cache-dir", str(cache), *options]
+    run_dir = out / "runs" / label
+    record = run_dir / "bench-run.json"
+    if record.is_file() and json.loads(record.read_text()).get("arguments") == arguments:
+        log.info(f"{label}: finished by an earlier call on this folder, reused")
+        return {"history": RunHistory.read(run_dir), **json.loads(record.read_text())}
+    shutil.rmtree(run_dir, ignore_errors=True)
+    command = [sys.executable, "-m", "common.cli", *arguments, "--out", str(run_dir),
+               "--ledger-dir", str(run_dir / "sites")]  # each benchmark run is its own experiment
     code, wall, peak = run_measured(command, out / "logs" / f"{label}.log")
     if code != 0:
         raise RuntimeError(f"benchmark run {label} failed; see {out / 'logs' / f'{label}.log'}")
     measured = {"wall_s": wall, "peak_mb": peak}
-    record.write_text(json.dumps(measured))
+    record.write_text(json.dumps({**measured, "arguments": arguments}))
     return {"history": RunHistory.read(run_dir), **measured}
 
 
@@ -408,6 +408,22 @@ def run_deployment_bench(plan_name: str, out: Path, cache: Path, repeats: int = 
     return results
 
 
+def _once(out: Path, name: str, key: dict[str, Any], measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A measurement this results folder already holds for the same `key` (the plan, the seed) is read
+    back from `runs/NAME.json`, not repeated."""
+    kept = out / "runs" / f"{name}.json"
+    key = json.loads(json.dumps(key, default=str))  # as it reads back
+    if kept.is_file():
+        held = json.loads(kept.read_text())
+        if held.get("key") == key:
+            log.info(f"{name}: measured by an earlier call on this folder, reused")
+            return held["measured"]
+    measured = measure()
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(json.dumps({"key": key, "measured": measured}, default=str))
+    return measured
+
+
 def _federated_row(run: dict[str, Any], epsilon: float) -> dict[str, Any]:
     row = {**_summary(_final_sites(run["history"])), "wall_s": run["wall_s"], "peak_mb": run["peak_mb"],
            "dice_by_round": run["history"].dice_series()}
@@ -444,11 +460,9 @@ def run_bench(plan_name: str, out: Path, cache: Path, deployment: bool, seeds: t
         federated("fedavg-nodp", seed, math.inf)
         if 8.0 in plan.epsilons:
             federated("fedavg-dp-eps8", seed, 8.0)
-        done = out / "runs" / f"centralised-seed{seed}.json"
-        if not done.is_file():
-            sites = site_folders(build_federation(cache, plan.sites, seed, plan.size))
-            done.write_text(json.dumps(centralised(plan, sites, seed)))
-        for name, row in json.loads(done.read_text()).items():
+        baselines = _once(out, f"centralised-seed{seed}", {"plan": asdict(plan), "seed": seed},
+                          lambda: centralised(plan, site_folders(build_federation(cache, plan.sites, seed, plan.size)), seed))
+        for name, row in baselines.items():
             if name == "local_only":
                 for site, site_row in row.items():
                     rows.setdefault(f"alone:{site}", {})[seed] = site_row
@@ -488,12 +502,12 @@ def run_bench(plan_name: str, out: Path, cache: Path, deployment: bool, seeds: t
     baseline = histories["fedavg-nodp"]
     first_sites = site_folders(build_federation(cache, plan.sites, seeds[0], plan.size))
     log.info("DP-SGD vs SGD: one epoch each, fresh processes ...")
-    results["dp_cost"] = dp_cost(plan, first_sites[0])
+    results["dp_cost"] = _once(out, "dp-cost", {"plan": asdict(plan), "seed": seeds[0]}, lambda: dp_cost(plan, first_sites[0]))
     results["round_overhead_simulation"] = round_overhead(baseline["history"])
     results["communication"] = {**communication(baseline["history"]), "parameters": parameter_count()}
     if deployment:
         log.info("the same rounds with real server and site processes ...")
-        results["round_overhead_deployment"] = deployment_overhead(plan, out, first_sites)
+        results["round_overhead_deployment"] = _once(out, "deployment", {"plan": asdict(plan), "seed": seeds[0]}, lambda: deployment_overhead(plan, out, first_sites))
     results["scale"] = {}
     for count in plan.scale:
         log.info(f"{count} simulated sites ...")

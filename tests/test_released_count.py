@@ -39,11 +39,13 @@ def test_update_scale_depends_on_the_patient_bin_not_the_exact_count(tiny_site, 
         rates.append(sample_rate)
         return real_sampler(num_samples=num_samples, sample_rate=sample_rate, **kwargs)
     monkeypatch.setattr(training, "UniformWithReplacementSampler", sampler)
-    for count in (2, 3):  # one bin of 2: the site plans on 2 patients whichever it holds
+    # One bin of 2: the site plans on 2 patients whichever it holds, and so does a site below the bin
+    # (1 patient): there the exact count would otherwise set σ, ε and the scale.
+    for count in (1, 2, 3):
         planned = guard.policy.binned_down(count)
         plan = training.plan_round(settings, planned, guard.policy.delta)
         training.train_round(build_model(3), patients[:count], settings, plan, 1, torch.device("cpu"))
-    assert scales == [1.0, 1.0]  # sampling rate 1 / 2 x the 2 planned patients, not x 2 and x 3
+    assert scales == [1.0, 1.0, 1.0]  # sampling rate 1 / 2 x the 2 planned patients, not x 1, x 2 and x 3
     # Charged and sampled alike: a rate of the exact count (1 / 3 here) would change the other patients'
     # chance of being sampled when one is added, which the accountant does not cover.
-    assert rates == [plan.sample_rate] * 2 == [0.5, 0.5]
+    assert rates == [plan.sample_rate] * 3 == [0.5, 0.5, 0.5]

@@ -33,7 +33,7 @@ class SitePolicy:
     validations_per_day: int = 48  # every validation, all runs together: rounded metrics are not noised, their number is the bound
     metrics: tuple[str, ...] = ("dice", "dice-per-class", "hd95")  # what validation may release
     precision: int = 2  # decimals of every released metric
-    example_count_bin: int = 10  # the training example count leaves rounded up to this; and the fewest SEGs that release a class's codes
+    example_count_bin: int = 10  # training is planned on (and the count released as) a multiple of this; and the fewest SEGs that release a class's codes
     ledger_genesis: str = ""  # the hash of this site's ledger's first line: a replaced ledger is caught
 
     def __post_init__(self) -> None:
@@ -69,14 +69,15 @@ class SitePolicy:
         return round(float(value), self.precision) if math.isfinite(value) else float(value)
 
     def binned(self, count: int) -> int:
-        """A count as released: rounded up to the bin."""
+        """A validation count as released: rounded up to the bin."""
         return self.example_count_bin * max(1, math.ceil(count / self.example_count_bin))
 
-    def binned_down(self, count: int) -> int:
-        """The patient count the sampling rate is planned on: rounded down to the bin, and one full bin
-        below it, so σ, steps, ε and the update's scale (all released) depend on the bin, never on the
-        exact count. Patients are sampled at that rate, which is what the accountant is told; below one
-        bin the site samples, and divides, as if it held a full bin: its update is smaller, not riskier."""
+    def planned_count(self, count: int) -> int:
+        """The training patient count a round is planned on and that leaves as its example count: rounded
+        down to the bin, one bin at least, so σ, steps, ε, the update's scale and the count released with
+        it all say the bin, never the exact count. Patients are sampled at the rate planned on it, which
+        is what the accountant is told; a site below one bin samples, and divides, as if it held a full
+        bin: its update is smaller, not riskier."""
         return self.example_count_bin * max(1, count // self.example_count_bin)
 
     @classmethod

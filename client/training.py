@@ -42,10 +42,10 @@ PATIENTS_PER_CHUNK = 4
 class RoundPlan:
     """What a round will spend, known before any data is touched."""
 
-    sample_rate: float  # expected patients per step / the planned (binned-down) count; what is sampled and charged
+    sample_rate: float  # expected patients per step / the planned count (SitePolicy.planned_count); what is sampled and charged
     steps: int
     noise_multiplier: float  # 0: not private
-    patients: int  # the count it was planned on (the site's, binned down): the update is scaled by it too
+    patients: int  # the count it was planned on (SitePolicy.planned_count of the site's): the update is scaled by it too
 
     @property
     def event(self) -> Event:
@@ -128,8 +128,8 @@ def train_round(model: torch.nn.Module, patients: Sequence[Patient], settings: T
     # Patients are sampled at plan.sample_rate, the rate the accountant charges: a rate that moved with
     # len(patients) would change every other patient's chance of being sampled when one is added, which
     # the accountant does not cover. Opacus divides the noisy sum by the batch expected of the planned
-    # (binned-down) count, not of len(patients): the noise's size in the released weights would give the
-    # exact count away. So steps are up to N / N_binned longer than the run asks.
+    # count, not of len(patients): the noise's size in the released weights would give the exact count
+    # away. So a step's batch is N / N_planned of the run's (larger above one bin, smaller below).
     expected_batch = plan.sample_rate * plan.patients
     lr = round_learning_rate(settings)
     optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=settings.momentum)

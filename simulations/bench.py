@@ -4,14 +4,19 @@ Everything is measured in one run on this machine, so ratios (DP vs non-DP, fede
 read from numbers taken side by side. Federated methods run through `fedseg simulate` (Flower's
 simulation engine, the real ServerApp and ClientApp); the pooled and local-only baselines train the
 same model with the same code for the same number of optimisation steps: a site does `rounds x
-local-epochs` epochs over its own slices in every setting, the pool the same epochs over all slices.
-Every accuracy row is repeated per seed (a seed picks the built-in federation's patients and the
-model's initialisation; DP noise comes from the OS), reported as mean ± sd over the seeds. A finished
-run is kept in the results folder, so a bench cut short continues where it stopped.
+local-epochs` expected passes over its own patients in every setting, planned on the same patient count
+(`SitePolicy.planned_count`), the pool the same passes over all patients.
+Every accuracy row is repeated per seed (a seed picks the built-in federation's patients, the
+model's initialisation and which patients validate; DP noise comes from the OS), reported as mean ±
+sd over the seeds. Within a seed every row validates on the same patients: the baselines split with
+the key the simulated sites are given. A finished run is kept in the results folder with the code
+version that made it, so a bench cut short continues where it stopped.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import logging
 import math
@@ -88,29 +93,70 @@ def run_measured(command: list[str], log: Path) -> tuple[int, float, float]:
     return proc.returncode, time.time() - started, peak / 1024
 
 
+def code_version() -> str:
+    """The git commit of this code (with `+changes` when the tree differs from it), or "unknown"."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                                 check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+changes" if changed else "")
+
+
+def validation_key(seed: int) -> str:
+    """The validation-split key of a seed's simulated sites and baselines: the same patients validate
+    every row of that seed."""
+    return hashlib.sha256(f"fedseg bench validation split, seed {seed}".encode()).hexdigest()[:32]
+
+
+def _keep(path: Path, record: dict[str, Any]) -> None:
+    """Written whole or not at all: a bench killed mid-write leaves no half record to trip over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(record, default=str))
+    os.replace(partial, path)
+
+
+def _kept(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """A record kept for the same key, else None (none, another key, or unreadable)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("key") == json.loads(json.dumps(key, default=str)) else None
+
+
 def simulate(plan: Plan, label: str, out: Path, cache: Path, *options: str, seed: int, sites: int | None = None,
              size: str | None = None, patients: int | None = None, data_root: Path | None = None) -> dict[str, Any]:
-    """One `fedseg simulate` run; its history plus wall time and peak memory. A run this results
-    folder already finished with the same arguments is read back, not repeated; any other starts again."""
+    """One `fedseg simulate` run; its history plus wall time and peak memory. A run this results folder
+    already finished with the same arguments on the same data is read back, not repeated; any other
+    starts again."""
+    from simulations.federation import federation_dir
+
     source = ["--data-root", str(data_root)] if data_root else ["--sites", str(sites or plan.sites), "--size", size or plan.size]
     if patients is not None:
         source += ["--patients", str(patients)]
     arguments = ["simulate", *source, "--rounds", str(plan.rounds), "--local-epochs", str(plan.local_epochs), "--image-size",
-                 str(plan.image_size), "--batch-size", str(plan.batch_size), "--seed", str(seed), "--cache-dir", str(cache), *options]
+                 str(plan.image_size), "--batch-size", str(plan.batch_size), "--seed", str(seed), "--cache-dir", str(cache),
+                 "--validation-key", validation_key(seed), *options]
+    data = data_root or federation_dir(cache, sites or plan.sites, seed, size or plan.size, patients)  # its name has the generator's version
+    key = {"arguments": arguments, "data": Path(data).name}
     run_dir = out / "runs" / label
-    record = run_dir / "bench-run.json"
-    if record.is_file() and json.loads(record.read_text()).get("arguments") == arguments:
-        log.info(f"{label}: finished by an earlier call on this folder, reused")
-        return {"history": RunHistory.read(run_dir), **json.loads(record.read_text())}
+    record = _kept(run_dir / "bench-run.json", key)
+    if record is not None:
+        log.info(f"{label}: finished by an earlier call on this folder (code {record['code']}), reused")
+        return {"history": RunHistory.read(run_dir), **record}
     shutil.rmtree(run_dir, ignore_errors=True)
     command = [sys.executable, "-m", "common.cli", *arguments, "--out", str(run_dir),
                "--ledger-dir", str(run_dir / "sites")]  # each benchmark run is its own experiment
     code, wall, peak = run_measured(command, out / "logs" / f"{label}.log")
     if code != 0:
         raise RuntimeError(f"benchmark run {label} failed; see {out / 'logs' / f'{label}.log'}")
-    measured = {"wall_s": wall, "peak_mb": peak}
-    record.write_text(json.dumps({**measured, "arguments": arguments}))
-    return {"history": RunHistory.read(run_dir), **measured}
+    record = {"key": key, "code": code_version(), "date": time.strftime("%Y-%m-%d"), "wall_s": wall, "peak_mb": peak}
+    _keep(run_dir / "bench-run.json", record)
+    return {"history": RunHistory.read(run_dir), **record}
 
 
 def _last_validated(history: RunHistory) -> dict[str, dict[str, Any]]:
@@ -150,36 +196,47 @@ def _summary(per_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def over_seeds(by_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """One row from the same method run with several seeds: each site's and class's Dice averaged over
-    the seeds, the sd of the row's mean Dice (and of each class's) across seeds — the spread the seeds
-    alone make — and every seed's own row under `seeds`. Numbers kept with a row (wall time, steps)
-    are averaged, `epsilon_spent` is the largest, `dice_by_round` is averaged round by round."""
+    """One row from the same method run with several seeds. The row's mean Dice (and each class's) is
+    the mean over seeds of each seed's own, with its sd across seeds: one population for both, the
+    spread the seeds alone make. Each site's entry averages the seeds that have it (`seeds`: how many).
+    Numbers kept with a row are averaged (peak memory: the largest; ε spent: the largest);
+    `dice_by_round` is averaged round by round. Every seed's own row stays under `seeds`."""
     runs = list(by_seed.values())
-    sites = sorted(set.intersection(*(set(r["per_site"]) for r in runs)))
-    classes = min(len(r["mean_dice_per_class"]) for r in runs)
-    per_site = {s: {"dice": _mean([r["per_site"][s]["dice"] for r in runs]), "hd95_mm": _mean([r["per_site"][s]["hd95_mm"] for r in runs]),
-                    "dice_per_class": [_mean([r["per_site"][s]["dice_per_class"][c] for r in runs]) for c in range(classes)]}
-                for s in sites}
-    row: dict[str, Any] = _summary(per_site)
+    classes = max(len(r["mean_dice_per_class"]) for r in runs)
+
+    def per_class(values: list[list[float]], c: int) -> list[float]:
+        return [v[c] for v in values if c < len(v)]
+
+    per_site = {}
+    for site in sorted(set().union(*(r["per_site"] for r in runs))):
+        entries = [r["per_site"][site] for r in runs if site in r["per_site"]]
+        per_site[site] = {"dice": _mean([e["dice"] for e in entries]), "hd95_mm": _mean([e["hd95_mm"] for e in entries]),
+                          "dice_per_class": [_mean(per_class([e["dice_per_class"] for e in entries], c)) for c in range(classes)],
+                          "seeds": len(entries)}
+    seed_classes = [r["mean_dice_per_class"] for r in runs]
+    row: dict[str, Any] = {
+        "per_site": per_site, "mean_dice": _mean([r["mean_dice"] for r in runs]), "mean_dice_sd": _sd([r["mean_dice"] for r in runs]),
+        "mean_hd95_mm": _mean([r["mean_hd95_mm"] for r in runs]),
+        "mean_dice_per_class": [_mean(per_class(seed_classes, c)) for c in range(classes)],
+        "mean_dice_per_class_sd": [_sd(per_class(seed_classes, c)) for c in range(classes)]}
     for key, value in runs[0].items():
-        if key == "epsilon_spent":
+        if key in ("epsilon_spent", "peak_mb"):
             row[key] = max(r[key] for r in runs)
         elif key == "dice_by_round":
-            row[key] = [_mean(list(values)) for values in zip(*(r[key] for r in runs))]
+            row[key] = [_mean(list(values)) for values in itertools.zip_longest(*(r[key] for r in runs), fillvalue=math.nan)]
         elif isinstance(value, (int, float)) and key not in row:
             row[key] = _mean([r[key] for r in runs])
-    row["mean_dice_sd"] = _sd([r["mean_dice"] for r in runs])
-    row["mean_dice_per_class_sd"] = [_sd([r["mean_dice_per_class"][c] for r in runs]) for c in range(classes)]
     row["seeds"] = {str(seed): {k: v for k, v in r.items() if k != "dice_by_round"} for seed, r in by_seed.items()}
     return row
 
 
-SLICES_PER_PATIENT = SitePolicy().slices_per_patient
+SITE = SitePolicy()  # what a simulated site allows by default: slices per patient, validation share, planned count
 
 
-def _site_data(site_dir: str, config: dict[str, Any]) -> SiteData:
-    """A site's patients as a bench run sees them (a fixed split: the bench is the researcher's own)."""
-    return load_site(site_dir, tuple(class_names(config)), Preprocessing.from_config(config), float(config["val-fraction"]))
+def _site_data(site_dir: str, config: dict[str, Any], seed: int) -> SiteData:
+    """A site's patients split as that seed's simulated sites split them."""
+    return load_site(site_dir, tuple(class_names(config)), Preprocessing.from_config(config), SITE.validation_fraction,
+                     bytes.fromhex(validation_key(seed)))
 
 
 def centralised(plan: Plan, site_dirs: list[str], seed: int) -> dict[str, Any]:
@@ -193,7 +250,7 @@ def centralised(plan: Plan, site_dirs: list[str], seed: int) -> dict[str, Any]:
 
     config = run_config({"image-size": plan.image_size, "batch-size": plan.batch_size, "seed": seed,
                          "target-epsilon": math.inf, "num-server-rounds": 1, "local-epochs": plan.rounds * plan.local_epochs})
-    data = {Path(d).name: _site_data(d, config) for d in site_dirs}
+    data = {Path(d).name: _site_data(d, config, seed) for d in site_dirs}
     pooled = SiteData("pooled", [p for d in data.values() for p in d.train], [], None)
     settings = TrainSettings.from_config({**config, "server-round": 1})
 
@@ -201,8 +258,8 @@ def centralised(plan: Plan, site_dirs: list[str], seed: int) -> dict[str, Any]:
         torch.manual_seed(seed)
         model = build_model(3)
         started = time.time()
-        round_plan = plan_round(settings, len(train.train), settings.delta)
-        train_round(model, train.train, settings, round_plan, SLICES_PER_PATIENT, torch.device("cpu"))
+        round_plan = plan_round(settings, SITE.planned_count(len(train.train)), settings.delta)
+        train_round(model, train.train, settings, round_plan, SITE.slices_per_patient, torch.device("cpu"))
         seconds = time.time() - started
         per_site = {}
         for name, site in data.items():
@@ -214,7 +271,7 @@ def centralised(plan: Plan, site_dirs: list[str], seed: int) -> dict[str, Any]:
     return {"pooled": trained_on(pooled), "local_only": {name: trained_on(d) for name, d in data.items()}}
 
 
-def _epoch_cost(private: bool, plan: Plan, site_dir: str, queue: Any) -> None:
+def _epoch_cost(private: bool, plan: Plan, site_dir: str, seed: int, queue: Any) -> None:
     """In a fresh process (spawned): one local epoch, DP or not; its time and peak memory."""
     import torch
 
@@ -225,7 +282,7 @@ def _epoch_cost(private: bool, plan: Plan, site_dir: str, queue: Any) -> None:
     torch.set_num_threads(1)
     config = run_config({"image-size": plan.image_size, "batch-size": plan.batch_size, "num-server-rounds": 1, "local-epochs": 1,
                          "target-epsilon": 8.0 if private else math.inf})
-    data = _site_data(site_dir, config)
+    data = _site_data(site_dir, config, seed)
     before = _rss_kb(os.getpid())
     peak = [before]
     sampling = threading.Event()
@@ -238,11 +295,11 @@ def _epoch_cost(private: bool, plan: Plan, site_dir: str, queue: Any) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     settings = TrainSettings.from_config({**config, "server-round": 1})
-    round_plan = plan_round(settings, len(data.train), settings.delta)
+    round_plan = plan_round(settings, SITE.planned_count(len(data.train)), settings.delta)
     # A first round pays one-off costs (allocator, vmap tracing, lazy imports); the second is timed.
-    train_round(build_model(3), data.train, settings, round_plan, SLICES_PER_PATIENT, torch.device("cpu"))
+    train_round(build_model(3), data.train, settings, round_plan, SITE.slices_per_patient, torch.device("cpu"))
     started = time.perf_counter()
-    train_round(build_model(3), data.train, settings, round_plan, SLICES_PER_PATIENT, torch.device("cpu"))
+    train_round(build_model(3), data.train, settings, round_plan, SITE.slices_per_patient, torch.device("cpu"))
     seconds = time.perf_counter() - started
     sampling.set()
     sampler.join()
@@ -250,13 +307,13 @@ def _epoch_cost(private: bool, plan: Plan, site_dir: str, queue: Any) -> None:
                "peak_rss_mb": peak[0] / 1024, "rss_before_training_mb": before / 1024})
 
 
-def dp_cost(plan: Plan, site_dir: str) -> dict[str, Any]:
+def dp_cost(plan: Plan, site_dir: str, seed: int) -> dict[str, Any]:
     """DP-SGD vs plain SGD: time per epoch and peak memory, same model, data and thread count."""
     context = multiprocessing.get_context("spawn")
     out = {}
     for private in (False, True):
         queue = context.Queue()
-        proc = context.Process(target=_epoch_cost, args=(private, plan, site_dir, queue))
+        proc = context.Process(target=_epoch_cost, args=(private, plan, site_dir, seed, queue))
         proc.start()
         measured = None
         while measured is None and (proc.is_alive() or not queue.empty()):
@@ -345,7 +402,8 @@ def deployment_overhead(plan: Plan, out: Path, site_dirs: list[str]) -> dict[str
     from common.processes import free_port, port_open
 
     base, port = out / "deployment", free_port()
-    base.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(base, ignore_errors=True)  # a measurement cut short left sites that `site-init` would refuse to set up again
+    base.mkdir(parents=True)
     fedseg = [sys.executable, "-m", "common.cli"]
     procs = []
     try:
@@ -410,18 +468,15 @@ def run_deployment_bench(plan_name: str, out: Path, cache: Path, repeats: int = 
 
 def _once(out: Path, name: str, key: dict[str, Any], measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """A measurement this results folder already holds for the same `key` (the plan, the seed) is read
-    back from `runs/NAME.json`, not repeated."""
-    kept = out / "runs" / f"{name}.json"
-    key = json.loads(json.dumps(key, default=str))  # as it reads back
-    if kept.is_file():
-        held = json.loads(kept.read_text())
-        if held.get("key") == key:
-            log.info(f"{name}: measured by an earlier call on this folder, reused")
-            return held["measured"]
-    measured = measure()
-    kept.parent.mkdir(parents=True, exist_ok=True)
-    kept.write_text(json.dumps({"key": key, "measured": measured}, default=str))
-    return measured
+    back from `runs/NAME.json`, not repeated. The record: the key, the code version, the date, `measured`."""
+    path = out / "runs" / f"{name}.json"
+    record = _kept(path, key)
+    if record is not None:
+        log.info(f"{name}: measured by an earlier call on this folder (code {record['code']}), reused")
+        return record
+    record = {"key": key, "code": code_version(), "date": time.strftime("%Y-%m-%d"), "measured": measure()}
+    _keep(path, record)
+    return record
 
 
 def _federated_row(run: dict[str, Any], epsilon: float) -> dict[str, Any]:
@@ -449,19 +504,26 @@ def run_bench(plan_name: str, out: Path, cache: Path, deployment: bool, seeds: t
                                "command": f"fedseg bench{' --quick' if plan_name == 'quick' else ''}"}
     rows: dict[str, dict[int, dict[str, Any]]] = {}
     histories: dict[str, dict[str, Any]] = {}
+    codes = {code_version()}  # this call's, and those of the runs it reuses
 
     def federated(key: str, seed: int, epsilon: float, *options: str, **where: Any) -> None:
         run = simulate(plan, f"{key}-seed{seed}", out, cache, "--epsilon", f"{epsilon:g}", *options, seed=seed, **where)
         rows.setdefault(key, {})[seed] = _federated_row(run, epsilon)
         histories.setdefault(key, run)
+        codes.add(run["code"])
+
+    def once(name: str, seed: int, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        record = _once(out, name, {"plan": asdict(plan), "seed": seed}, measure)
+        codes.add(record["code"])
+        return record["measured"]
 
     for seed in seeds:
         log.info(f"seed {seed}: fedavg without and with DP (ε = 8), pooled and local-only baselines ...")
         federated("fedavg-nodp", seed, math.inf)
         if 8.0 in plan.epsilons:
             federated("fedavg-dp-eps8", seed, 8.0)
-        baselines = _once(out, f"centralised-seed{seed}", {"plan": asdict(plan), "seed": seed},
-                          lambda: centralised(plan, site_folders(build_federation(cache, plan.sites, seed, plan.size)), seed))
+        baselines = once(f"centralised-seed{seed}", seed,
+                         lambda: centralised(plan, site_folders(build_federation(cache, plan.sites, seed, plan.size)), seed))
         for name, row in baselines.items():
             if name == "local_only":
                 for site, site_row in row.items():
@@ -502,12 +564,12 @@ def run_bench(plan_name: str, out: Path, cache: Path, deployment: bool, seeds: t
     baseline = histories["fedavg-nodp"]
     first_sites = site_folders(build_federation(cache, plan.sites, seeds[0], plan.size))
     log.info("DP-SGD vs SGD: one epoch each, fresh processes ...")
-    results["dp_cost"] = _once(out, "dp-cost", {"plan": asdict(plan), "seed": seeds[0]}, lambda: dp_cost(plan, first_sites[0]))
+    results["dp_cost"] = once("dp-cost", seeds[0], lambda: dp_cost(plan, first_sites[0], seeds[0]))
     results["round_overhead_simulation"] = round_overhead(baseline["history"])
     results["communication"] = {**communication(baseline["history"]), "parameters": parameter_count()}
     if deployment:
         log.info("the same rounds with real server and site processes ...")
-        results["round_overhead_deployment"] = _once(out, "deployment", {"plan": asdict(plan), "seed": seeds[0]}, lambda: deployment_overhead(plan, out, first_sites))
+        results["round_overhead_deployment"] = once("deployment", seeds[0], lambda: deployment_overhead(plan, out, first_sites))
     results["scale"] = {}
     for count in plan.scale:
         log.info(f"{count} simulated sites ...")
@@ -517,8 +579,10 @@ def run_bench(plan_name: str, out: Path, cache: Path, deployment: bool, seeds: t
                                                          seed=seeds[0], sites=count, size="tiny")
         durations = [seconds for number, seconds in run["history"].durations().items() if number > 0]
         results["scale"][str(count)] = {"round_s": _mean(durations), "peak_mb": run["peak_mb"], "wall_s": run["wall_s"]}
+        codes.add(run["code"])
     log.info("inference speed ...")
     results["inference_256"] = inference_speed()
+    results["code"] = sorted(codes)
     results["targets"] = targets(results)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "table.md").write_text(table(results))
@@ -536,7 +600,7 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
     return {
         "pooled_dice_per_class": pooled["mean_dice_per_class"],
         "federated_over_pooled": fedavg["mean_dice"] / pooled["mean_dice"] if pooled["mean_dice"] else math.nan,
-        "sites_not_worse_than_local": {s: fed[s]["dice"] >= own[s] for s in own},
+        "sites_not_worse_than_local": {s: s in fed and fed[s]["dice"] >= own[s] for s in own},
         "dp8_over_nodp": dp8["mean_dice"] / fedavg["mean_dice"] if dp8 and fedavg["mean_dice"] else math.nan,
         "real_no_dp": real["mean_dice"] if real else math.nan,
     }
@@ -558,7 +622,8 @@ def table(results: dict[str, Any]) -> str:
     seeds = len(results["seeds"])
     head = ("| method | " + " | ".join(sites) + f" | mean Dice ({seeds} seed{'s' if seeds > 1 else ''}{', ± sd' if seeds > 1 else ''}) "
             "| mean Dice per class | mean HD95 (mm) |")
-    lines = [head, "|---|" + "---:|" * (len(sites) + 3)]
+    lines = [f"Code: {', '.join(results['code'])}. Every seed validates all its rows on the same patients.", "",
+             head, "|---|" + "---:|" * (len(sites) + 3)]
 
     def row(name: str, entry: dict[str, Any]) -> None:
         cells = [cell(entry["per_site"][s]["dice"]) if s in entry["per_site"] else "" for s in sites]
@@ -575,7 +640,7 @@ def table(results: dict[str, Any]) -> str:
         row(f"fedavg, DP ε = {epsilon} (spent {cell(entry['epsilon_spent'], '.2f')})", entry)
     for count, entry in sorted(results["patients"].items(), key=lambda item: int(item[0])):
         fewest, most = entry["per_site_range"]
-        row(f"fedavg, DP ε = 8, {fewest}–{most} patients per site", entry)
+        row(f"fedavg, DP ε = 8, {fewest}–{most} patients per site (a quarter validate)", entry)
     t, cost, comm = results["targets"], results["dp_cost"], results["communication"]
     sim = results["round_overhead_simulation"]
     lines += ["", "| cost | measured |", "|---|---|",
@@ -661,7 +726,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     for c, name in enumerate(class_names(RUN_DEFAULTS)[1:]):
         if all(len(e["mean_dice_per_class"]) > c for e in entries):
             ax.plot([int(n) for n in counts], [e["mean_dice_per_class"][c] for e in entries], marker=".", linestyle=":", label=name)
-    ax.set(title="fedavg at ε = 8: Dice vs patients per site", xlabel="fewest patients per site", ylabel="Dice")
+    ax.set(title="fedavg at ε = 8: Dice vs patients per site", xlabel="fewest patients per site (a quarter validate)", ylabel="Dice")
     ax.set_xscale("log")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +33,16 @@ def _seeds(text: str) -> tuple[int, ...]:
     if len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise argparse.ArgumentTypeError("seeds must differ from one another and be 0 or more")
     return seeds
+
+
+def _hex_key(text: str) -> str:
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a key is hexadecimal, e.g. the output of `openssl rand -hex 16`") from None
+    if len(key) < 16:
+        raise argparse.ArgumentTypeError("a key needs at least 16 bytes (32 hex digits)")
+    return text
 
 
 def _default_cache() -> str:
@@ -65,7 +76,10 @@ def _simulate(args: argparse.Namespace) -> int:
     # patients; the built-in synthetic sites get fresh ones in the run folder.
     state_root = Path(args.ledger_dir or (Path(args.data_root) / ".fedseg-sites" if args.data_root else run_dir / "sites"))
     try:
-        guards = prepare_sites(sites, state_root, site_policy_for(overrides, budget))
+        policy = site_policy_for(overrides, budget)
+        if args.validation_key:
+            policy["validation_key"] = args.validation_key
+        guards = prepare_sites(sites, state_root, policy)
         if args.data_root:  # foreign data: show each site's load report before spending minutes on Ray
             for guard in guards:
                 print(guard.load(("background", *guard.policy.classes), Preprocessing.from_config(overrides)).report.format())
@@ -93,6 +107,9 @@ def _demo_data(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from simulations.bench import run_bench, run_deployment_bench
 
+    if args.seeds and (args.scan_only or args.deployment_only):
+        print("fedseg bench: --seeds is for the accuracy rows; --scan-only and --deployment-only have none", file=sys.stderr)
+        return 2
     plan = "quick" if args.quick else "full"
     kind = "scan" if args.scan_only else "deployment" if args.deployment_only else plan
     out = Path(args.out or Path("results") / f"bench-{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -109,7 +126,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     run_bench(plan, out, Path(args.cache_dir), deployment=not args.quick, seeds=args.seeds)
     print((out / "table.md").read_text())
-    print(f"results: {out} (results.json, table.md, dice_vs_round.png, dice_vs_epsilon.png, cost.png; runs/ and logs/)")
+    print(f"results: {out} (results.json, table.md, dice_vs_round.png, dice_vs_epsilon.png, dice_vs_patients.png, cost.png; runs/ and logs/)")
     return 0
 
 
@@ -128,6 +145,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--out", help="run folder (default runs/simulate-<time>)")
     sim.add_argument("--ledger-dir", help="sites' policies and privacy ledgers (default: DATA_ROOT/.fedseg-sites with "
                      "--data-root, so every run on the same patients adds up; RUN_DIR/sites for built-in data)")
+    sim.add_argument("--validation-key", type=_hex_key, metavar="HEX",
+                     help="the sites' validation-split key when their policies are made (default: a fresh random one per site); "
+                          "runs given the same key validate on the same patients, so they can be compared site by site")
     sim.add_argument("--cache-dir", default=_default_cache(), help="where the built-in federation is generated once")
     sim.set_defaults(func=_simulate)
 

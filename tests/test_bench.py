@@ -42,7 +42,9 @@ def test_quick_benchmark_fills_every_row_with_a_measurement(tmp_path):
     assert r["scale"]["2"]["round_s"] > 0 and r["scale"]["2"]["peak_mb"] > 100
     assert r["inference_256"]["cpu_slices_per_s"] > 0
     assert set(r["real"]["no_dp"]["per_site"]) == {"brain-01", "brain-02"} and math.isfinite(r["real"]["no_dp"]["mean_dice"])
+    assert r["code"] and all(isinstance(c, str) for c in r["code"])  # which code made the rows
     table = (out / "table.md").read_text()
+    assert table.startswith("Code: ")
     for row in ("mean Dice per class", "pooled", "site-01 alone", "fedprox, no DP", "fedavg, DP ε = 8", "ε = 8, 3–4 patients per site",
                 "DP-SGD vs SGD", "bytes per site per round", "2 simulated sites", "real scans (MNI152", "inference, 256x256",
                 "federated non-DP Dice ≥ 0.97 × pooled", "lesion ≥ 0.70"):

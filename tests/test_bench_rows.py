@@ -33,6 +33,20 @@ def test_a_row_over_seeds_averages_each_site_and_class_and_keeps_the_spread():
     assert bench._spread(row["mean_dice"], row["mean_dice_sd"]) == "0.650 ± 0.100"
 
 
+def test_a_row_over_seeds_survives_a_seed_without_a_site_or_a_class():
+    """A site that did not report in one seed, or reported no per-class Dice, is averaged over the seeds
+    that have it; the row's mean is still the mean of the seeds' own means, the population of its sd."""
+    full, partial = _row(0.5, 0.2, 10.0), _row(0.7, 0.4, 20.0)
+    del partial["per_site"]["site-02"]
+    partial.update(bench._summary(partial["per_site"]))
+    full["per_site"]["site-01"]["dice_per_class"] = []
+    row = bench.over_seeds({0: full, 1: partial})
+    assert row["per_site"]["site-02"]["seeds"] == 1 and row["per_site"]["site-01"]["seeds"] == 2
+    assert row["per_site"]["site-02"]["dice"] == pytest.approx(0.6)
+    assert row["per_site"]["site-01"]["dice_per_class"] == pytest.approx([1.0, 0.4])  # seed 1's only
+    assert row["mean_dice"] == pytest.approx((0.55 + 0.7) / 2) and row["mean_dice_sd"] == pytest.approx(0.15 / 2 ** 0.5)
+
+
 def test_a_finished_run_is_reused_and_one_cut_short_runs_again(tmp_path, monkeypatch):
     from tests.test_run_history import _written_run
 
@@ -79,6 +93,7 @@ def test_a_measurement_the_folder_holds_is_not_repeated(tmp_path):
     key = {"plan": bench.asdict(bench.PLANS["quick"]), "seed": 0}
     first = bench._once(tmp_path, "dp-cost", key, measure)
     again = bench._once(tmp_path, "dp-cost", key, measure)
-    assert len(calls) == 1 and again["epoch_s"] == first["epoch_s"] == 1.5 and math.isnan(again["ratio"])
+    assert len(calls) == 1 and again["measured"]["epoch_s"] == first["measured"]["epoch_s"] == 1.5
+    assert math.isnan(again["measured"]["ratio"]) and again["code"] == bench.code_version() != "unknown"
     bench._once(tmp_path, "dp-cost", {**key, "seed": 1}, measure)  # another plan or seed: measured anew
     assert len(calls) == 2

@@ -102,7 +102,7 @@ def test_one_message_validates_the_weights_it_brings_then_trains_on_them(tiny_si
 def test_patient_level_epsilon_is_opacus_rdp_over_patient_sampling_and_survives_a_new_run(tiny_site, tmp_path):
     guard = _guard(tmp_path, tiny_site)
     patients = len(guard.data(("background", "organ", "lesion"), Preprocessing.from_config(run_config(SETTINGS))).train)
-    q = min(1.0, SETTINGS["batch-size"] / guard.policy.binned_down(patients))  # planned on one bin at least, never the exact count
+    q = min(1.0, SETTINGS["batch-size"] / guard.policy.planned_count(patients))  # planned on one bin at least, never the exact count
     assert patients < guard.policy.example_count_bin and q < 1.0
     steps_each = round(SETTINGS["local-epochs"] / q)
     epsilons, steps = [], 0

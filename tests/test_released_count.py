@@ -42,10 +42,23 @@ def test_update_scale_depends_on_the_patient_bin_not_the_exact_count(tiny_site, 
     # One bin of 2: the site plans on 2 patients whichever it holds, and so does a site below the bin
     # (1 patient): there the exact count would otherwise set σ, ε and the scale.
     for count in (1, 2, 3):
-        planned = guard.policy.binned_down(count)
+        planned = guard.policy.planned_count(count)
         plan = training.plan_round(settings, planned, guard.policy.delta)
         training.train_round(build_model(3), patients[:count], settings, plan, 1, torch.device("cpu"))
     assert scales == [1.0, 1.0, 1.0]  # sampling rate 1 / 2 x the 2 planned patients, not x 1, x 2 and x 3
     # Charged and sampled alike: a rate of the exact count (1 / 3 here) would change the other patients'
     # chance of being sampled when one is added, which the accountant does not cover.
     assert rates == [plan.sample_rate] * 3 == [0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("counts", [(1, 4, 9, 10, 19), (20, 23, 29), (40, 49)])
+def test_the_guard_plans_and_releases_the_same_for_every_count_in_a_bin(counts, tmp_path):
+    """σ, the sampling rate, the steps and the example count that leave with an update: one value per
+    bin (below the first, as if it held a full bin), so neither the exact count nor a bin's edge
+    (the count rounded up next to one rounded down would pin 20 exactly) can be read off them."""
+    guard, _ = open_guard(SiteState(tmp_path / "state"), "north", tmp_path, {"epsilon_budget": 20.0, "min_noise_multiplier": 0.0})
+    settings = TrainSettings.from_config({**run_config({"batch-size": 8, "local-epochs": 2, "num-server-rounds": 5}), "server-round": 1})
+    plans = {guard.plan(settings, n) for n in counts}
+    assert len(plans) == 1
+    (plan,) = plans
+    assert plan.patients % 10 == 0 and plan.patients <= max(10, min(counts)) and plan.noise_multiplier > 0

@@ -3,9 +3,10 @@
 Everything is measured in one run on this machine, so ratios (DP vs non-DP, federated vs pooled) are
 read from numbers taken side by side. Federated methods run through `fedseg simulate` (Flower's
 simulation engine, the real ServerApp and ClientApp); the pooled and local-only baselines train the
-same model with the same code for the same number of optimisation steps: a site does `rounds x
-local-epochs` expected passes over its own patients in every setting, planned on the same patient count
-(`SitePolicy.planned_count`), the pool the same passes over all patients.
+same model with the same code and the same sampling plan: a site is planned on `rounds x local-epochs`
+expected passes over `SitePolicy.planned_count` of its patients in every setting (the pool likewise over
+all patients), so a site's steps match its federated ones; the baselines keep one learning rate where a
+federated run decays it over the rounds.
 Every accuracy row is repeated per seed (a seed picks the built-in federation's patients, the
 model's initialisation and which patients validate; DP noise comes from the OS), reported as mean ±
 sd over the seeds. Within a seed every row validates on the same patients: the baselines split with
@@ -15,6 +16,7 @@ version that made it, so a bench cut short continues where it stopped.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -93,16 +95,26 @@ def run_measured(command: list[str], log: Path) -> tuple[int, float, float]:
     return proc.returncode, time.time() - started, peak / 1024
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """The git commit of this code (with `+changes` when the tree differs from it), or "unknown"."""
+    """The git commit of this code, with `+changes-<hash>` when the tree differs from it (tracked
+    changes and untracked Python outside results/), or "unknown" outside its own git checkout. A kept
+    run is reused only by the same version: results from other code are never mixed in silently."""
     root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "--no-optional-locks", "-C", str(root), *args], capture_output=True, text=True, check=True,
+                              timeout=30).stdout
+
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                                 check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+        if Path(git("rev-parse", "--show-toplevel").strip()).resolve() != root:
+            return "unknown"  # a copy inside some other repository: its commit is not ours
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        changes = git("diff", "HEAD", "--", ".", ":(exclude)results") + git("ls-files", "--others", "--exclude-standard", "--", "*.py",
+                                                                            ":(exclude)results")
+    except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return commit + ("+changes" if changed else "")
+    return commit + (f"+changes-{hashlib.sha256(changes.encode()).hexdigest()[:8]}" if changes else "")
 
 
 def validation_key(seed: int) -> str:
@@ -125,7 +137,7 @@ def _kept(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return record if record.get("key") == json.loads(json.dumps(key, default=str)) else None
+    return record if isinstance(record, dict) and record.get("key") == json.loads(json.dumps(key, default=str)) else None
 
 
 def simulate(plan: Plan, label: str, out: Path, cache: Path, *options: str, seed: int, sites: int | None = None,
@@ -142,7 +154,7 @@ def simulate(plan: Plan, label: str, out: Path, cache: Path, *options: str, seed
                  str(plan.image_size), "--batch-size", str(plan.batch_size), "--seed", str(seed), "--cache-dir", str(cache),
                  "--validation-key", validation_key(seed), *options]
     data = data_root or federation_dir(cache, sites or plan.sites, seed, size or plan.size, patients)  # its name has the generator's version
-    key = {"arguments": arguments, "data": Path(data).name}
+    key = {"arguments": arguments, "data": Path(data).name, "code": code_version()}
     run_dir = out / "runs" / label
     record = _kept(run_dir / "bench-run.json", key)
     if record is not None:
@@ -154,7 +166,7 @@ def simulate(plan: Plan, label: str, out: Path, cache: Path, *options: str, seed
     code, wall, peak = run_measured(command, out / "logs" / f"{label}.log")
     if code != 0:
         raise RuntimeError(f"benchmark run {label} failed; see {out / 'logs' / f'{label}.log'}")
-    record = {"key": key, "code": code_version(), "date": time.strftime("%Y-%m-%d"), "wall_s": wall, "peak_mb": peak}
+    record = {"key": key, "code": key["code"], "date": time.strftime("%Y-%m-%d"), "wall_s": wall, "peak_mb": peak}
     _keep(run_dir / "bench-run.json", record)
     return {"history": RunHistory.read(run_dir), **record}
 
@@ -467,14 +479,15 @@ def run_deployment_bench(plan_name: str, out: Path, cache: Path, repeats: int = 
 
 
 def _once(out: Path, name: str, key: dict[str, Any], measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """A measurement this results folder already holds for the same `key` (the plan, the seed) is read
+    """A measurement this results folder already holds for the same `key` and code version is read
     back from `runs/NAME.json`, not repeated. The record: the key, the code version, the date, `measured`."""
     path = out / "runs" / f"{name}.json"
-    record = _kept(path, key)
+    record = _kept(path, {**key, "code": code_version()})
     if record is not None:
         log.info(f"{name}: measured by an earlier call on this folder (code {record['code']}), reused")
         return record
-    record = {"key": key, "code": code_version(), "date": time.strftime("%Y-%m-%d"), "measured": measure()}
+    key = {**key, "code": code_version()}
+    record = {"key": key, "code": key["code"], "date": time.strftime("%Y-%m-%d"), "measured": measure()}
     _keep(path, record)
     return record
 
@@ -513,7 +526,7 @@ def run_bench(plan_name: str, out: Path, cache: Path, deployment: bool, seeds: t
         codes.add(run["code"])
 
     def once(name: str, seed: int, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        record = _once(out, name, {"plan": asdict(plan), "seed": seed}, measure)
+        record = _once(out, name, {"plan": asdict(plan), "seed": seed, "validation_key": validation_key(seed), "site": asdict(SITE)}, measure)
         codes.add(record["code"])
         return record["measured"]
 
@@ -622,7 +635,7 @@ def table(results: dict[str, Any]) -> str:
     seeds = len(results["seeds"])
     head = ("| method | " + " | ".join(sites) + f" | mean Dice ({seeds} seed{'s' if seeds > 1 else ''}{', ± sd' if seeds > 1 else ''}) "
             "| mean Dice per class | mean HD95 (mm) |")
-    lines = [f"Code: {', '.join(results['code'])}. Every seed validates all its rows on the same patients.", "",
+    lines = [f"Code: {', '.join(results['code'])}. Within a seed, the rows on the default federation validate on the same patients.", "",
              head, "|---|" + "---:|" * (len(sites) + 3)]
 
     def row(name: str, entry: dict[str, Any]) -> None:
@@ -640,7 +653,7 @@ def table(results: dict[str, Any]) -> str:
         row(f"fedavg, DP ε = {epsilon} (spent {cell(entry['epsilon_spent'], '.2f')})", entry)
     for count, entry in sorted(results["patients"].items(), key=lambda item: int(item[0])):
         fewest, most = entry["per_site_range"]
-        row(f"fedavg, DP ε = 8, {fewest}–{most} patients per site (a quarter validate)", entry)
+        row(f"fedavg, DP ε = 8, {fewest}–{most} patients per site (about a quarter validate)", entry)
     t, cost, comm = results["targets"], results["dp_cost"], results["communication"]
     sim = results["round_overhead_simulation"]
     lines += ["", "| cost | measured |", "|---|---|",
@@ -726,7 +739,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     for c, name in enumerate(class_names(RUN_DEFAULTS)[1:]):
         if all(len(e["mean_dice_per_class"]) > c for e in entries):
             ax.plot([int(n) for n in counts], [e["mean_dice_per_class"][c] for e in entries], marker=".", linestyle=":", label=name)
-    ax.set(title="fedavg at ε = 8: Dice vs patients per site", xlabel="fewest patients per site (a quarter validate)", ylabel="Dice")
+    ax.set(title="fedavg at ε = 8: Dice vs patients per site", xlabel="fewest patients per site (about a quarter validate)", ylabel="Dice")
     ax.set_xscale("log")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)

@@ -42,7 +42,7 @@ def _hex_key(text: str) -> str:
         raise argparse.ArgumentTypeError("a key is hexadecimal, e.g. the output of `openssl rand -hex 16`") from None
     if len(key) < 16:
         raise argparse.ArgumentTypeError("a key needs at least 16 bytes (32 hex digits)")
-    return text
+    return key.hex()
 
 
 def _default_cache() -> str:
@@ -80,6 +80,10 @@ def _simulate(args: argparse.Namespace) -> int:
         if args.validation_key:
             policy["validation_key"] = args.validation_key
         guards = prepare_sites(sites, state_root, policy)
+        for guard in guards:
+            if args.validation_key and guard.policy.split_key != bytes.fromhex(args.validation_key):
+                raise SimulationError(f"--validation-key applies when a site's policy is first made; {guard.name}'s policy in "
+                                      f"{state_root} has another key: give a new --ledger-dir to split with this one")
         if args.data_root:  # foreign data: show each site's load report before spending minutes on Ray
             for guard in guards:
                 print(guard.load(("background", *guard.policy.classes), Preprocessing.from_config(overrides)).report.format())

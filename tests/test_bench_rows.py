@@ -94,6 +94,23 @@ def test_a_measurement_the_folder_holds_is_not_repeated(tmp_path):
     first = bench._once(tmp_path, "dp-cost", key, measure)
     again = bench._once(tmp_path, "dp-cost", key, measure)
     assert len(calls) == 1 and again["measured"]["epoch_s"] == first["measured"]["epoch_s"] == 1.5
-    assert math.isnan(again["measured"]["ratio"]) and again["code"] == bench.code_version() != "unknown"
+    assert math.isnan(again["measured"]["ratio"]) and again["code"] == bench.code_version()
     bench._once(tmp_path, "dp-cost", {**key, "seed": 1}, measure)  # another plan or seed: measured anew
     assert len(calls) == 2
+
+
+def test_simulate_refuses_a_validation_key_its_existing_sites_do_not_have(tiny_federation, tmp_path):
+    """The key splits patients only when a site's policy is made: a run on sites that already have a
+    policy (a reused --ledger-dir, --data-root's own) would otherwise split with the old key, silently."""
+    from common.cli import main
+    from simulations.simulate import prepare_sites, site_policy_for
+    from common.config import RUN_DEFAULTS
+    from common.site_files import site_folders
+
+    ledgers = tmp_path / "ledgers"
+    prepare_sites(site_folders(tiny_federation), ledgers, site_policy_for(RUN_DEFAULTS, 8.0))  # made with a random key
+    with pytest.raises(SystemExit, match="--validation-key applies when a site's policy is first made"):
+        main(["simulate", "--data-root", str(tiny_federation), "--ledger-dir", str(ledgers), "--validation-key", "AB" * 16,
+              "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit):  # not hexadecimal: argparse stops it
+        main(["simulate", "--data-root", str(tiny_federation), "--validation-key", "not-hex"])

@@ -697,6 +697,16 @@ def _error_bars(entries: list[dict[str, Any]]) -> list[float]:
     return [e["mean_dice_sd"] if math.isfinite(e["mean_dice_sd"]) else 0.0 for e in entries]
 
 
+def _saved(fig: Any, ax: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def plots(results: dict[str, Any], out: Path) -> list[Path]:
     """Dice vs round per method, Dice vs ε, Dice vs patients per site, and the cost bars."""
     import matplotlib
@@ -711,11 +721,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         ax.plot(range(len(entry["dice_by_round"])), entry["dice_by_round"], marker="o", markersize=3, label=name)
     ax.axhline(results["pooled"]["mean_dice"], color="black", linestyle="--", label="pooled (ceiling)")
     ax.set(title="validation Dice per round", xlabel="round", ylabel="mean foreground Dice")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    paths.append(out / "dice_vs_round.png")
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    paths.append(_saved(fig, ax, out / "dice_vs_round.png"))
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6), layout="constrained")
     eps = sorted(results["dp"], key=float)
@@ -723,13 +729,8 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
                 marker="o", capsize=3, label="fedavg with DP (± sd over seeds)")
     ax.axhline(results["federated"]["fedavg"]["mean_dice"], color="tab:green", linestyle="--", label="fedavg, no DP")
     ax.axhline(results["pooled"]["mean_dice"], color="black", linestyle=":", label="pooled, no DP")
-    ax.set(title="utility vs privacy (δ = 1e-5)", xlabel="ε (whole training, per site)", ylabel="mean foreground Dice")
-    ax.set_xscale("log")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    paths.append(out / "dice_vs_epsilon.png")
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    ax.set(title="utility vs privacy (δ = 1e-5)", xlabel="ε (whole training, per site)", ylabel="mean foreground Dice", xscale="log")
+    paths.append(_saved(fig, ax, out / "dice_vs_epsilon.png"))
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6), layout="constrained")
     counts = sorted(results["patients"], key=int)
@@ -739,13 +740,9 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     for c, name in enumerate(class_names(RUN_DEFAULTS)[1:]):
         if all(len(e["mean_dice_per_class"]) > c for e in entries):
             ax.plot([int(n) for n in counts], [e["mean_dice_per_class"][c] for e in entries], marker=".", linestyle=":", label=name)
-    ax.set(title="fedavg at ε = 8: Dice vs patients per site", xlabel="fewest patients per site (about a quarter validate)", ylabel="Dice")
-    ax.set_xscale("log")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    paths.append(out / "dice_vs_patients.png")
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    ax.set(title="fedavg at ε = 8: Dice vs patients per site", xlabel="fewest patients per site (about a quarter validate)", ylabel="Dice",
+           xscale="log")
+    paths.append(_saved(fig, ax, out / "dice_vs_patients.png"))
 
     cost = results["dp_cost"]
     bars = {"DP / SGD epoch time": cost["time_ratio"], "DP / SGD memory": cost["memory_ratio"],

@@ -161,7 +161,7 @@ class SiteGuard:
         if settings.server_round < 1 or settings.num_rounds > self.policy.max_rounds_per_run or settings.server_round > settings.num_rounds:
             raise Refusal("rounds_over_policy")
         try:
-            plan = plan_round(settings, self.policy.planned_count(num_patients), self.policy.delta)
+            plan = plan_round(settings, self.policy.planned_count(num_patients, settings.private), self.policy.delta)
         except ValueError as err:  # Opacus cannot reach the target ε with any σ it tries
             raise Refusal("noise_below_policy") from err
         if settings.private and not self.policy.min_noise_multiplier <= plan.noise_multiplier <= RANGES["noise_multiplier"][1]:
@@ -185,7 +185,7 @@ class SiteGuard:
             loss = train_round(model, data.train, settings, plan, self.policy.slices_per_patient, self.device)
             out = model_arrays(model)
             # The training loss stays here: it is the chosen weights' loss on the patients, outside any ε.
-            metrics = {"num-examples": plan.patients, "epsilon": self.policy.release(planned), "noise-multiplier": round(plan.noise_multiplier, 2),
+            metrics = {"num-examples": self.policy.planned_count(len(data.train)), "epsilon": self.policy.release(planned), "noise-multiplier": round(plan.noise_multiplier, 2),
                        "seconds": round(time.perf_counter() - started, 1)}
             codes = self.class_codes(data)
             self.ledger.append("train", run=run, round=server_round, event=list(plan.event), delta=self.policy.delta,

@@ -72,13 +72,14 @@ class SitePolicy:
         """A validation count as released: rounded up to the bin."""
         return self.example_count_bin * max(1, math.ceil(count / self.example_count_bin))
 
-    def planned_count(self, count: int) -> int:
-        """The training patient count a round is planned on and that leaves as its example count: rounded
-        down to the bin, one bin at least, so σ, steps, ε, the update's scale and the count released with
-        it all say the bin, never the exact count. Patients are sampled at the rate planned on it, which
-        is what the accountant is told; a site below one bin samples, and divides, as if it held a full
-        bin: its update is smaller, not riskier."""
-        return self.example_count_bin * max(1, count // self.example_count_bin)
+    def planned_count(self, count: int, private: bool = True) -> int:
+        """The training patient count a round is planned on: rounded down to the bin, one bin at least,
+        so σ, ε, the update's scale and the example count released with it (this count, private or not)
+        say the bin, never the exact count. Patients are sampled at the rate planned on it, which is what
+        the accountant is told; a site below one bin samples, and divides, as if it held a full bin: its
+        update is smaller, not riskier. A non-private round (a baseline, when the policy allows one) is
+        planned on the exact count: its un-noised update claims no privacy to keep."""
+        return self.example_count_bin * max(1, count // self.example_count_bin) if private else count
 
     @classmethod
     def load(cls, path: Path) -> SitePolicy:

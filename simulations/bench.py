@@ -270,7 +270,7 @@ def centralised(plan: Plan, site_dirs: list[str], seed: int) -> dict[str, Any]:
         torch.manual_seed(seed)
         model = build_model(3)
         started = time.time()
-        round_plan = plan_round(settings, SITE.planned_count(len(train.train)), settings.delta)
+        round_plan = plan_round(settings, SITE.planned_count(len(train.train), settings.private), settings.delta)
         train_round(model, train.train, settings, round_plan, SITE.slices_per_patient, torch.device("cpu"))
         seconds = time.time() - started
         per_site = {}
@@ -307,7 +307,7 @@ def _epoch_cost(private: bool, plan: Plan, site_dir: str, seed: int, queue: Any)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     settings = TrainSettings.from_config({**config, "server-round": 1})
-    round_plan = plan_round(settings, SITE.planned_count(len(data.train)), settings.delta)
+    round_plan = plan_round(settings, SITE.planned_count(len(data.train), settings.private), settings.delta)
     # A first round pays one-off costs (allocator, vmap tracing, lazy imports); the second is timed.
     train_round(build_model(3), data.train, settings, round_plan, SITE.slices_per_patient, torch.device("cpu"))
     started = time.perf_counter()

@@ -62,3 +62,13 @@ def test_the_guard_plans_and_releases_the_same_for_every_count_in_a_bin(counts, 
     assert len(plans) == 1
     (plan,) = plans
     assert plan.patients % 10 == 0 and plan.patients <= max(10, min(counts)) and plan.noise_multiplier > 0
+
+
+def test_a_non_private_round_is_planned_on_the_exact_count_and_still_releases_the_bin(tmp_path):
+    """A baseline (ε = ∞, where the policy allows one) claims no privacy for its un-noised update, so it
+    is not slowed by planning on a full bin; the count it releases is the bin all the same."""
+    guard, _ = open_guard(SiteState(tmp_path / "state"), "north", tmp_path, {"allow_non_private": True})
+    settings = TrainSettings.from_config({**run_config({"target-epsilon": math.inf, "batch-size": 4}), "server-round": 1})
+    plan = guard.plan(settings, 7)
+    assert (plan.patients, plan.noise_multiplier, plan.sample_rate) == (7, 0.0, 4 / 7)
+    assert guard.policy.planned_count(7) == 10

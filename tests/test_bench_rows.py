@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -102,15 +105,19 @@ def test_a_measurement_the_folder_holds_is_not_repeated(tmp_path):
 def test_simulate_refuses_a_validation_key_its_existing_sites_do_not_have(tiny_federation, tmp_path):
     """The key splits patients only when a site's policy is made: a run on sites that already have a
     policy (a reused --ledger-dir, --data-root's own) would otherwise split with the old key, silently."""
-    from common.cli import main
     from simulations.simulate import prepare_sites, site_policy_for
     from common.config import RUN_DEFAULTS
     from common.site_files import site_folders
 
     ledgers = tmp_path / "ledgers"
     prepare_sites(site_folders(tiny_federation), ledgers, site_policy_for(RUN_DEFAULTS, 8.0))  # made with a random key
-    with pytest.raises(SystemExit, match="--validation-key applies when a site's policy is first made"):
-        main(["simulate", "--data-root", str(tiny_federation), "--ledger-dir", str(ledgers), "--validation-key", "AB" * 16,
-              "--out", str(tmp_path / "run")])
-    with pytest.raises(SystemExit):  # not hexadecimal: argparse stops it
-        main(["simulate", "--data-root", str(tiny_federation), "--validation-key", "not-hex"])
+
+    def simulate(*args: str) -> subprocess.CompletedProcess:  # the CLI as a user runs it (its logging set up in its own process)
+        return subprocess.run([sys.executable, "-m", "common.cli", "simulate", "--data-root", str(tiny_federation), *args],
+                              cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+    refused = simulate("--ledger-dir", str(ledgers), "--validation-key", "AB" * 16, "--out", str(tmp_path / "run"))
+    assert refused.returncode != 0 and "--validation-key applies when a site's policy is first made" in refused.stderr
+    assert not (tmp_path / "run").exists()  # stopped before anything ran
+    not_hex = simulate("--validation-key", "not-hex")
+    assert not_hex.returncode == 2 and "hexadecimal" in not_hex.stderr

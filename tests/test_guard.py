@@ -81,10 +81,11 @@ def test_reply_carries_only_model_shaped_arrays_and_rounded_scalars(tiny_site, t
 def test_the_released_count_is_the_count_the_round_was_planned_on(tiny_site, tmp_path):
     """Rounded down like σ's planning, not up: a count rounded up next to σ planned on one rounded down
     would pin a bin's edge exactly."""
-    patients = len(_guard(tmp_path / "probe", tiny_site).data(("background", "organ", "lesion"),
-                                                              Preprocessing.from_config(run_config(SETTINGS))).train)
+    key = {"validation_key": "5a" * 16}  # the probe and the site split alike (a fresh key each would not)
+    patients = len(_guard(tmp_path / "probe", tiny_site, **key).data(("background", "organ", "lesion"),
+                                                                     Preprocessing.from_config(run_config(SETTINGS))).train)
     assert patients >= 3  # so a bin of patients - 1 rounds down and up differently
-    guard = _guard(tmp_path / "site", tiny_site, example_count_bin=patients - 1)
+    guard = _guard(tmp_path / "site", tiny_site, example_count_bin=patients - 1, **key)
     released = _call(guard, MessageType.TRAIN).content["metrics"]["num-examples"]
     assert released == guard.policy.planned_count(patients) == patients - 1 != guard.policy.binned(patients)
 

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from client.pacs import PACS_PASSWORD_ENV
-from common.config import RUN_DEFAULTS
+from common.config import RUN_DEFAULTS, class_names
 from common.errors import FedsegError
 
 
@@ -61,7 +61,7 @@ def _site_init(args: argparse.Namespace) -> int:
     root = Path(args.site_dir)
     name = args.name or root.resolve().name
     values = {"epsilon_budget": args.epsilon_budget, "delta": args.delta, "min_noise_multiplier": args.min_noise_multiplier,
-              "classes": tuple(c.strip() for c in args.classes.split(",") if c.strip())}
+              "classes": tuple(class_names({"classes": args.classes})[1:])}
     site = init_site(root, name, values)
     policy, keys = site.policy, site.keys
     print(f"site {name} set up in {root}:\n  {keys.private_key} stays here (owner-only); send {keys.public_key} to the coordinator\n"
@@ -178,7 +178,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="the most patient-level ε this site will ever spend, over all runs")
     init.add_argument("--delta", type=float, default=RUN_DEFAULTS["delta"], help="the site's δ (below 1 / patients)")
     init.add_argument("--min-noise-multiplier", type=float, default=0.5, help="no round trains with less DP noise")
-    init.add_argument("--classes", default=RUN_DEFAULTS["classes"], help="the classes runs may ask this site to segment")
+    init.add_argument("--classes", default=",".join(class_names(RUN_DEFAULTS)[1:]), help="the classes runs may ask this site to segment")
     init.set_defaults(func=_site_init)
 
     audit = sub.add_parser("audit", help="privacy officer: every release and refusal of a site, with the ledger's hash chain checked")

@@ -137,7 +137,7 @@ def train_round(model: torch.nn.Module, patients: Sequence[Patient], settings: T
         optimizer = DPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=settings.max_grad_norm,
                                 expected_batch_size=expected_batch, generator=noise, secure_mode=True)
     num_classes = model.state_dict()[names[-1]].shape[0]
-    loss_fn = patient_loss(num_classes).to(device)  # its class weights too
+    loss_fn = patient_loss(settings.class_weights).to(device)
 
     def loss_of(params: dict[str, torch.Tensor], images: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
         return loss_fn(functional_call(model, (params, buffers), (images,)), onehot)
@@ -155,10 +155,11 @@ def train_round(model: torch.nn.Module, patients: Sequence[Patient], settings: T
                 grads, loss = per_patient(params, images.to(device), onehot)
                 for name, p in model.named_parameters():
                     p.grad_sample = grads[name]
-            else:  # plain SGD on the same objective: one batched backward
+            else:  # plain SGD on the same objective: one batched backward, the step clipped to the DP step's bound
                 logits = model(images.to(device).flatten(0, 1)).unflatten(0, images.shape[:2])
                 loss = torch.stack([loss_fn(logits[i], onehot[i]) for i in range(len(batch))])
                 (loss.sum() / expected_batch).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
             losses.extend(loss.detach().cpu().tolist())
         elif isinstance(optimizer, DPOptimizer):  # an empty Poisson batch still takes a noise-only step
             for name, p in model.named_parameters():

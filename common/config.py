@@ -32,6 +32,7 @@ class Option:
 
 
 HU_BOUNDS = (-2048.0, 4096.0)  # what a CT window may span: the lung window reaches -1350 HU, bone +1500 and more
+MAX_CLASS_WEIGHT = 1000.0  # a class's loss weight is in (0, MAX_CLASS_WEIGHT]
 MIN_CT_WIDTH = 10.0  # HU: narrower than any clinical window; a width near float32's resolution gives NaN images
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 
@@ -58,8 +59,12 @@ OPTIONS: dict[str, Option] = {
     "ct-window": Option("-160,240", "CT intensity window in HU, mapped to [0, 1] (MR: each volume's own percentiles); "
                         "a negative LOW needs '=': --ct-window=-200,1500 (default %(default)s)",
                         flag="ct-window", metavar="LOW,HIGH", to_sites=True),
-    "classes": Option("organ,lesion", "foreground classes, matched to SEG segment labels (default %(default)s)",
-                      flag="classes", to_sites=True),
+    # The loss weight of each class is the task's, chosen by the coordinator: the same for every patient
+    # and independent of the data, it costs no privacy. Unweighted, the small lesion was never learned;
+    # weighted, grey matter was lost to white matter (README).
+    "classes": Option("organ:2,lesion:40", "foreground classes, matched to SEG segment labels, each with an optional "
+                      "loss weight NAME:WEIGHT (default 1; background 1) (default %(default)s)",
+                      flag="classes", metavar="NAME[:WEIGHT],...", to_sites=True),
     "val-fraction": Option(0.25, to_sites=True),
     "seed": Option(0, "initialisation and augmentation (never DP noise or sampling: those are seeded by the OS)", flag="seed", to_sites=True),
     "round-timeout": Option(3600.0, "seconds to wait for sites' replies (and for enough sites to be online) per round",
@@ -97,6 +102,12 @@ class TrainSettings:
     max_grad_norm: float
     delta: float
     seed: int
+    classes: str  # with their loss weights (`class_weights`)
+
+    @property
+    def class_weights(self) -> list[float]:
+        """The loss weight of each class, background first (a malformed `classes` is a ValueError)."""
+        return class_weights({"classes": self.classes})
 
     @property
     def private(self) -> bool:
@@ -127,6 +138,7 @@ def run_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         if option.choices and merged[key] not in option.choices:
             raise ValueError(f"{key} must be one of {option.choices}, got {merged[key]!r}")
     parse_ct_window(merged["ct-window"])
+    class_spec(merged)
     return merged
 
 
@@ -143,6 +155,27 @@ def parse_ct_window(text: str) -> tuple[float, float]:
     return low, high
 
 
+def class_spec(config: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """(name, loss weight) of each foreground class of `config["classes"]`, 'NAME[:WEIGHT],...'
+    (weight 1 when not given); an empty name or a weight outside (0, MAX_CLASS_WEIGHT] is a ValueError."""
+    spec = []
+    for part in (p for p in str(config["classes"]).split(",") if p.strip()):
+        name, given, text = (s.strip() for s in part.partition(":"))
+        try:
+            weight = float(text) if given else 1.0
+        except ValueError:
+            weight = math.nan
+        if not name or not 0 < weight <= MAX_CLASS_WEIGHT:  # False for NaN
+            raise ValueError(f"classes must be 'NAME[:WEIGHT],...' with 0 < WEIGHT <= {MAX_CLASS_WEIGHT:g}, got {config['classes']!r}")
+        spec.append((name, weight))
+    return spec
+
+
 def class_names(config: Mapping[str, Any]) -> list[str]:
     """Foreground class names; index 0 is always background."""
-    return ["background"] + [c.strip() for c in str(config["classes"]).split(",") if c.strip()]
+    return ["background"] + [name for name, _ in class_spec(config)]
+
+
+def class_weights(config: Mapping[str, Any]) -> list[float]:
+    """Each class's loss weight, background (1) first."""
+    return [1.0] + [weight for _, weight in class_spec(config)]

@@ -15,6 +15,7 @@ import torch
 from monai.networks.nets import BasicUNet
 
 from common.class_codes import Coding, from_stored
+from common.config import class_names
 
 FEATURES = (8, 16, 32, 64, 128, 8)
 
@@ -62,8 +63,7 @@ def load_global_model(path: str | Path) -> GlobalModel:
         raise FileNotFoundError(f"no global model checkpoint at {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     config = dict(state["config"])
-    names = [c for c in str(config["classes"]).split(",") if c.strip()]
-    model = build_model(len(names) + 1)
+    model = build_model(len(class_names(config)))
     model.load_state_dict(state["state_dict"])
     return GlobalModel(model.eval(), config, int(state["round"]), hashlib.sha256(path.read_bytes()).hexdigest(), path,
                        from_stored(state.get("class_codes")))

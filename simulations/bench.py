@@ -555,7 +555,7 @@ def run_bench(plan_name: str, out: Path, cache: Path, deployment: bool, seeds: t
         for strategy in (s for s in FEDERATED if s != "fedavg"):
             log.info(f"seed {seed}: {strategy}, no DP ...")
             federated(f"{strategy}-nodp", seed, math.inf, "--strategy", strategy)
-    classes = ",".join(CLASS_NAMES[1:])
+    classes = ",".join(f"{name}:2" for name in CLASS_NAMES[1:])  # foreground 2 × background, as the built-in organ: no lesion weight here
     for seed in seeds:
         log.info(f"seed {seed}: a federation from a real scan (MNI152 template, nilearn) ...")
         root = build_brain_federation(cache, plan.sites, seed, plan.size)

@@ -20,6 +20,7 @@ import tomli_w
 
 from client.guard import SiteGuard, budget_line, open_guard
 from client.site_state import SiteState
+from common.config import class_names
 from common.errors import FedsegError
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def site_policy_for(overrides: dict[str, Any], epsilon_budget: float) -> dict[st
     return {"epsilon_budget": epsilon_budget, "delta": float(overrides["delta"]), "min_noise_multiplier": 0.0,
             "allow_non_private": not private, "max_rounds_per_run": max(100, int(overrides["num-server-rounds"])),
             "validations_per_day": 10_000,  # a researcher's repeated runs on the same sites: every round validates
-            "classes": tuple(c.strip() for c in str(overrides["classes"]).split(",") if c.strip())}
+            "classes": tuple(class_names(overrides)[1:])}
 
 
 def prepare_sites(sites: list[str], state_root: Path, policy: dict[str, Any]) -> list[SiteGuard]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import RUN_DEFAULTS, SITE_KEYS, TrainSettings, class_names, run_config
+from common.config import RUN_DEFAULTS, SITE_KEYS, TrainSettings, class_names, class_weights, run_config
 from server.run_options import add_run_options, run_overrides
 
 
@@ -59,6 +59,20 @@ def test_a_site_trains_from_what_it_is_sent():
 
 def test_class_names_put_background_first():
     assert class_names({"classes": "liver, tumour"}) == ["background", "liver", "tumour"]
+
+
+def test_each_class_carries_its_loss_weight_to_the_sites():
+    """The weights are the task's (the coordinator's `classes`), not a rule on the list's order: a
+    class without one weighs 1, as background does, so another task's classes start unweighted."""
+    assert class_weights(RUN_DEFAULTS) == [1.0, 2.0, 40.0] and class_names(RUN_DEFAULTS) == ["background", "organ", "lesion"]
+    assert class_weights({"classes": "grey-matter,white-matter"}) == [1.0, 1.0, 1.0]
+    sent = {k: run_config({"classes": "liver:3, tumour : 12.5"})[k] for k in SITE_KEYS}
+    assert TrainSettings.from_config({**sent, "server-round": 1}).class_weights == [1.0, 3.0, 12.5]
+    for bad in ("liver:0", "liver:-1", "liver:nan", "liver:inf", "liver:1e9", "liver:heavy", ":3", "liver:3:4"):
+        with pytest.raises(ValueError, match="NAME"):
+            run_config({"classes": bad})
+    flags = run_overrides(_parsed("--classes", "liver:3,tumour:12"), 2)
+    assert class_weights(flags) == [1.0, 3.0, 12.0] and class_names(flags)[1:] == ["liver", "tumour"]
 
 
 REPO = Path(__file__).parents[1]

@@ -193,7 +193,7 @@ def test_released_sigma_and_epsilon_depend_on_the_patient_bin_not_the_exact_coun
     assert guard.plan(settings, 51) != plans[41]
 
 
-def test_the_ct_window_comes_with_the_rounds_config_and_a_bad_one_is_a_bad_request(tiny_site, tmp_path, monkeypatch):
+def test_the_ct_window_and_class_weights_come_with_the_rounds_config_and_a_bad_one_is_a_bad_request(tiny_site, tmp_path, monkeypatch):
     """The coordinator chooses the window for the task (the same for every patient: no privacy cost);
     the site prepares its patients with it. Its value is the courier's to send, so it is checked."""
     import client.guard as guard_module
@@ -211,6 +211,11 @@ def test_the_ct_window_comes_with_the_rounds_config_and_a_bad_one_is_a_bad_reque
         reply, out = guard.handle({"op": "validate", "run": "bad", "round": 0, "settings": {**_request(0), "ct-window": bad}}, weights)
         assert (reply["status"], reply["code"], out) == ("refused", "bad_request", {}), bad
     assert len(used) == 2  # a refused window never reached the data
+    for bad in ("organ:1e9,lesion", "organ:nan,lesion", "organ:0,lesion", "organ:-2,lesion", "organ,lesion:x"):  # class weights
+        for op in ("train", "validate"):
+            reply, out = guard.handle({"op": op, "run": "bad", "round": 1, "settings": {**_request(1), "classes": bad}}, weights)
+            assert (reply["status"], reply["code"], out) == ("refused", "bad_request", {}), bad
+    assert len(used) == 2 and guard.spent() == 0.0
 
 
 def test_noise_cannot_be_replayed_from_the_run_config(tiny_site, tmp_path):

@@ -1,0 +1,53 @@
+"""What a site's training round takes from the run config: the class weights of `classes` (the task's,
+not a rule on the list's order), and, for a non-private (ε = ∞ baseline) round, a step bounded as a DP
+step is (its batch gradient clipped to `max-grad-norm`; unclipped, plain SGD lost the organ at every
+site of every bench seed, README)."""
+
+import math
+
+import pytest
+import torch
+
+import client.training as training
+from client.guard import open_guard
+from client.site_state import SiteState
+from common.config import TrainSettings, run_config
+from common.dataset import Preprocessing
+from common.model import build_model
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+
+def test_a_non_private_step_moves_the_weights_at_most_lr_times_the_clipping_norm(tiny_site, tmp_path):
+    guard, _ = open_guard(SiteState(tmp_path / "state"), "north", tiny_site, {"allow_non_private": True, "validation_fraction": 0.0})
+    moved = {}
+    for norm in (1e-3, 1e3):
+        config = run_config({"image-size": 16, "local-epochs": 1, "batch-size": 2, "target-epsilon": math.inf, "momentum": 0.0,
+                             "learning-rate": 1.0, "max-grad-norm": norm})
+        settings = TrainSettings.from_config({**config, "server-round": 1})
+        patients = guard.data(("background", "organ", "lesion"), Preprocessing.from_config(config)).train
+        plan = training.plan_round(settings, guard.policy.planned_count(len(patients), private=False), guard.policy.delta)
+        torch.manual_seed(0)
+        model = build_model(3)
+        before = torch.cat([p.detach().flatten() for p in model.parameters()])
+        training.train_round(model, patients, settings, plan, 1, torch.device("cpu"))
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        moved[norm] = (float((after - before).norm()), plan.steps)
+    distance, steps = moved[1e-3]
+    lr = training.round_learning_rate(settings)
+    assert 0 < distance <= steps * lr * 1e-3 * 1.0001  # each step at most lr × the clipping norm
+    assert moved[1e3][0] > 10 * steps * lr * 1e-3  # and the bound is what held it: a loose norm moves further
+
+
+def test_the_loss_weighs_the_classes_as_the_run_config_says(tiny_site, tmp_path, monkeypatch):
+    guard, _ = open_guard(SiteState(tmp_path / "state"), "north", tiny_site, {"validation_fraction": 0.0})
+    weights = []
+    real_loss = training.patient_loss
+    monkeypatch.setattr(training, "patient_loss", lambda w: weights.append(list(w)) or real_loss(w))
+    for classes in ("organ:3,lesion:7.5", "organ,lesion"):
+        config = run_config({"image-size": 16, "local-epochs": 1, "batch-size": 2, "classes": classes})
+        settings = TrainSettings.from_config({**config, "server-round": 1})
+        patients = guard.data(("background", "organ", "lesion"), Preprocessing.from_config(config)).train
+        plan = training.plan_round(settings, guard.policy.planned_count(len(patients)), guard.policy.delta)
+        training.train_round(build_model(3), patients, settings, plan, 1, torch.device("cpu"))
+    assert weights == [[1.0, 3.0, 7.5], [1.0, 1.0, 1.0]]

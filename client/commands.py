@@ -60,8 +60,14 @@ def _site_init(args: argparse.Namespace) -> int:
 
     root = Path(args.site_dir)
     name = args.name or root.resolve().name
+    if ":" in args.classes:
+        raise SiteCommandError(f"--classes lists class names only (a run's loss weights are the coordinator's): got {args.classes!r}")
+    try:
+        classes = tuple(class_names({"classes": args.classes})[1:])
+    except ValueError as err:
+        raise SiteCommandError(f"--classes: {err}") from err
     values = {"epsilon_budget": args.epsilon_budget, "delta": args.delta, "min_noise_multiplier": args.min_noise_multiplier,
-              "classes": tuple(class_names({"classes": args.classes})[1:])}
+              "classes": classes}
     site = init_site(root, name, values)
     policy, keys = site.policy, site.keys
     print(f"site {name} set up in {root}:\n  {keys.private_key} stays here (owner-only); send {keys.public_key} to the coordinator\n"

@@ -32,7 +32,7 @@ class Option:
 
 
 HU_BOUNDS = (-2048.0, 4096.0)  # what a CT window may span: the lung window reaches -1350 HU, bone +1500 and more
-MAX_CLASS_WEIGHT = 1000.0  # a class's loss weight is in (0, MAX_CLASS_WEIGHT]
+CLASS_WEIGHTS = (0.001, 1000.0)  # what a class's loss weight may be: a smaller one is 0 in a float32 loss, or near it
 MIN_CT_WIDTH = 10.0  # HU: narrower than any clinical window; a width near float32's resolution gives NaN images
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 
@@ -63,7 +63,7 @@ OPTIONS: dict[str, Option] = {
     # and independent of the data, it costs no privacy. Unweighted, the small lesion was never learned;
     # weighted, grey matter was lost to white matter (README).
     "classes": Option("organ:2,lesion:40", "foreground classes, matched to SEG segment labels, each with an optional "
-                      "loss weight NAME:WEIGHT (default 1; background 1) (default %(default)s)",
+                      "loss weight NAME:WEIGHT (1 when not given, as background's; default %(default)s)",
                       flag="classes", metavar="NAME[:WEIGHT],...", to_sites=True),
     "val-fraction": Option(0.25, to_sites=True),
     "seed": Option(0, "initialisation and augmentation (never DP noise or sampling: those are seeded by the OS)", flag="seed", to_sites=True),
@@ -138,7 +138,9 @@ def run_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         if option.choices and merged[key] not in option.choices:
             raise ValueError(f"{key} must be one of {option.choices}, got {merged[key]!r}")
     parse_ct_window(merged["ct-window"])
-    class_spec(merged)
+    # Written out with every weight, so a run's record says what it trained with: a weightless list
+    # in a history is a run from before per-class weights (server/run_record.py resumes it as it ran).
+    merged["classes"] = ",".join(f"{name}:{weight:g}" for name, weight in class_spec(merged))
     return merged
 
 
@@ -156,18 +158,23 @@ def parse_ct_window(text: str) -> tuple[float, float]:
 
 
 def class_spec(config: Mapping[str, Any]) -> list[tuple[str, float]]:
-    """(name, loss weight) of each foreground class of `config["classes"]`, 'NAME[:WEIGHT],...'
-    (weight 1 when not given); an empty name or a weight outside (0, MAX_CLASS_WEIGHT] is a ValueError."""
+    """(name, loss weight) of each foreground class of `config["classes"]`, a string 'NAME[:WEIGHT],...'
+    (weight 1 when not given). Anything else — no class, an empty or repeated name, a weight outside
+    CLASS_WEIGHTS — is a ValueError that says what is expected."""
+    text = config["classes"]
     spec = []
-    for part in (p for p in str(config["classes"]).split(",") if p.strip()):
-        name, given, text = (s.strip() for s in part.partition(":"))
+    for part in (p for p in str(text).split(",") if p.strip()):
+        name, given, number = (s.strip() for s in part.partition(":"))
         try:
-            weight = float(text) if given else 1.0
+            weight = float(number) if given else 1.0
         except ValueError:
             weight = math.nan
-        if not name or not 0 < weight <= MAX_CLASS_WEIGHT:  # False for NaN
-            raise ValueError(f"classes must be 'NAME[:WEIGHT],...' with 0 < WEIGHT <= {MAX_CLASS_WEIGHT:g}, got {config['classes']!r}")
         spec.append((name, weight))
+    names = [name for name, _ in spec]
+    low, high = CLASS_WEIGHTS
+    if (not isinstance(text, str) or not spec or not all(names) or len(set(names)) != len(names)
+            or not all(low <= weight <= high for _, weight in spec)):  # False for NaN
+        raise ValueError(f"classes must be 'NAME[:WEIGHT],...': at least one, each name once, {low:g} <= WEIGHT <= {high:g}; got {text!r}")
     return spec
 
 

@@ -289,6 +289,17 @@ class ResumeError(RuntimeError):
     """The run folder holds nothing a run can be resumed from."""
 
 
+def weighted_as_it_ran(classes: str) -> str:
+    """A run's `classes` with the loss weights it trained with. Since per-class weights, a run's record
+    writes every weight (`run_config`); a list without any is from before, when the code weighed the
+    first class 2 and the last 40, those between spaced geometrically (one class: 2)."""
+    if ":" in classes:
+        return classes
+    names = [c.strip() for c in classes.split(",") if c.strip()]
+    ratio = 20.0 ** (1 / (len(names) - 1)) if len(names) > 1 else 1.0
+    return ",".join(f"{name}:{2.0 * ratio**i:g}" for i, name in enumerate(names))
+
+
 class RunRecord:
     def __init__(self, run_dir: str | Path, config: dict[str, Any]) -> None:
         self.dir = Path(run_dir)
@@ -310,7 +321,8 @@ class RunRecord:
         """The record of an interrupted run, cut back to its last completed round, and that round's
         checkpoint. Only `config`'s RESUMABLE keys override the run's own configuration; keys the run
         predates (`ct-window`) take their defaults, which is what the run used (not `config`'s: a
-        resume asking for another value must not change it mid-run)."""
+        resume asking for another value must not change it mid-run), and so do class weights
+        (`weighted_as_it_ran`)."""
         from common.config import RESUMABLE, RUN_DEFAULTS
 
         run_dir = Path(run_dir)
@@ -323,7 +335,8 @@ class RunRecord:
             raise ResumeError(f"cannot resume from {run_dir}: no round was completed")
         last = completed.round
         checkpoint = torch.load(run_dir / "checkpoints" / f"global_model-round{last:03d}.pt", weights_only=True)
-        record = cls(run_dir, {**RUN_DEFAULTS, **history.config, **{k: config[k] for k in RESUMABLE if k in config}})
+        saved = {**history.config, "classes": weighted_as_it_ran(str(history.config.get("classes", RUN_DEFAULTS["classes"])))}
+        record = cls(run_dir, {**RUN_DEFAULTS, **saved, **{k: config[k] for k in RESUMABLE if k in config}})
         record.rounds = {r.round: r.to_json() for r in history.rounds if r.round <= last}
         record.site_nodes = dict(history.site_nodes)
         record.class_codes = dict(history.class_codes)

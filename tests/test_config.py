@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import RUN_DEFAULTS, SITE_KEYS, TrainSettings, class_names, class_weights, run_config
+from common.config import RUN_DEFAULTS, SITE_KEYS, TrainSettings, class_names, class_spec, class_weights, run_config
 from server.run_options import add_run_options, run_overrides
 
 
@@ -68,11 +68,26 @@ def test_each_class_carries_its_loss_weight_to_the_sites():
     assert class_weights({"classes": "grey-matter,white-matter"}) == [1.0, 1.0, 1.0]
     sent = {k: run_config({"classes": "liver:3, tumour : 12.5"})[k] for k in SITE_KEYS}
     assert TrainSettings.from_config({**sent, "server-round": 1}).class_weights == [1.0, 3.0, 12.5]
-    for bad in ("liver:0", "liver:-1", "liver:nan", "liver:inf", "liver:1e9", "liver:heavy", ":3", "liver:3:4"):
+    for bad in ("liver:0", "liver:1e-50", "liver:-1", "liver:nan", "liver:inf", "liver:1e9", "liver:heavy", ":3", "liver:3:4",
+                "", ",", "liver:2,liver:3", ["liver"]):
         with pytest.raises(ValueError, match="NAME"):
-            run_config({"classes": bad})
+            class_spec({"classes": bad})
+    with pytest.raises(ValueError, match="NAME"):
+        run_config({"classes": "liver,liver"})
+    # A run's record writes every weight: a weightless list is then a run from before the weights.
+    assert run_config({"classes": "liver, tumour:12.5"})["classes"] == "liver:1,tumour:12.5"
     flags = run_overrides(_parsed("--classes", "liver:3,tumour:12"), 2)
     assert class_weights(flags) == [1.0, 3.0, 12.0] and class_names(flags)[1:] == ["liver", "tumour"]
+
+
+
+def test_a_site_policy_lists_class_names_only(tmp_path, fedseg_here):
+    """Loss weights are the coordinator's choice for a run, not a site's to keep: site-init refuses
+    them (it did drop them silently), and a malformed list, before anything is written."""
+    for classes, said in (("organ:2,lesion", "class names only"), ("organ,organ", "each name once"), (",", "at least one")):
+        result = fedseg_here("site-init", "site", "--classes", classes, cwd=tmp_path)
+        assert result.returncode != 0 and said in result.stderr and "Traceback" not in result.stderr, classes
+        assert not (tmp_path / "site").exists()
 
 
 REPO = Path(__file__).parents[1]

@@ -77,7 +77,7 @@ def test_numbers_read_as_history_number_reads_them():
     assert r.to_json() == {"round": 3, "sites": {}, "dice": None, "duration_s": "inf"}
 
 
-OLD_HISTORY = {  # before 2026-11-23: no checkpoint names, no events, status or wall time (nor, until 11-24, ct-window)
+OLD_HISTORY = {  # before 2026-11-23: no checkpoint names, no events, status or wall time (nor, until 11-24, ct-window or class weights)
     "config": None,
     "rounds": [{"round": 0, "sites": {"site-a": {"val_dice": 0.01}}, "dice": 0.01},
                {"round": 1, "sites": {"site-a": {"val_dice": 0.2, "examples": 40}}, "dice": 0.2},
@@ -87,7 +87,8 @@ OLD_HISTORY = {  # before 2026-11-23: no checkpoint names, no events, status or 
 
 
 def test_an_older_history_loads_and_resume_picks_the_same_round_as_before(tmp_path):
-    config = {k: v for k, v in run_config({"min-sites": 1, "num-server-rounds": 4}).items() if k != "ct-window"}
+    config = {**{k: v for k, v in run_config({"min-sites": 1, "num-server-rounds": 4}).items() if k != "ct-window"},
+              "classes": "organ,lesion"}  # before per-class weights: the code weighed organ 2 and lesion 40
     old = {**OLD_HISTORY, "config": config}
     (tmp_path / "history.json").write_text(json.dumps(old))
     before = max(r["round"] for r in old["rounds"] if "checkpoint" in r or "dice" in r)  # resume's rule until now
@@ -106,6 +107,7 @@ def test_an_older_history_loads_and_resume_picks_the_same_round_as_before(tmp_pa
     assert [record.rounds[n] for n in sorted(record.rounds)] == old["rounds"][:3]  # kept as they were
     assert record.elapsed_before == 0.0 and record.config["num-server-rounds"] == 6
     assert record.config["ct-window"] == "-160,240"  # the window it was trained with, sent to the sites from now on
+    assert record.config["classes"] == "organ:2,lesion:40"  # and the class weights (written out since)
     assert record.events[-1]["event"] == "resumed after round 2; round 3 (in flight at the stop) is run again"
 
 
@@ -158,7 +160,7 @@ def test_the_resume_config_is_the_runs_own(tmp_path):
     _written_run(tmp_path)
     args = argparse.Namespace(resume=str(tmp_path), rounds=9, round_timeout=None, round_retries=None)
     config = _chosen_config(args, None, tmp_path)
-    assert config["num-server-rounds"] == 9 and config["classes"] == "organ,lesion" and config["resume"] is True
+    assert config["num-server-rounds"] == 9 and config["classes"] == "organ:1,lesion:1" and config["resume"] is True
 
 
 def _markdown_rows(text: str) -> list[list[str]]:

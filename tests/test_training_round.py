@@ -1,7 +1,7 @@
 """What a site's training round takes from the run config: the class weights of `classes` (the task's,
 not a rule on the list's order), and, for a non-private (ε = ∞ baseline) round, a step bounded as a DP
-step is (its batch gradient clipped to `max-grad-norm`; unclipped, plain SGD lost the organ at every
-site of every bench seed, README)."""
+step is: its batch gradient clipped to `max-grad-norm` (unclipped, plain SGD lost the organ at every
+site of every bench seed; README)."""
 
 import math
 
@@ -51,3 +51,19 @@ def test_the_loss_weighs_the_classes_as_the_run_config_says(tiny_site, tmp_path,
         plan = training.plan_round(settings, guard.policy.planned_count(len(patients)), guard.policy.delta)
         training.train_round(build_model(3), patients, settings, plan, 1, torch.device("cpu"))
     assert weights == [[1.0, 3.0, 7.5], [1.0, 1.0, 1.0]]
+
+
+def test_a_weighted_class_costs_more_when_it_is_missed():
+    """The weights are applied, not just passed: predicting the lesion as organ costs far more at
+    lesion weight 40 than unweighted."""
+    from common.losses import patient_loss
+
+    truth = torch.zeros(1, 3, 4, 4)
+    truth[:, 0] = 1
+    truth[:, 0, 1:3, 1:3], truth[:, 1, 1:3, 1:3] = 0, 1  # organ
+    truth[:, 1, 2, 2], truth[:, 2, 2, 2] = 0, 1  # a lesion pixel inside it
+    lesion_missed = 5 * truth[:, [0, 1, 1]]  # the lesion pixel scored as organ
+    lesion_missed[:, 2] = 0
+    cost = {w: float(patient_loss([1.0, 1.0, w])(lesion_missed, truth) - patient_loss([1.0, 1.0, w])(5 * truth, truth))
+            for w in (1.0, 40.0)}
+    assert cost[40.0] > 10 * cost[1.0] > 0

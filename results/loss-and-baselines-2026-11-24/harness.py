@@ -6,13 +6,12 @@ loss variants patched in. Run from this folder: `python harness.py --name NAME -
 --loss nested  : the same regions, with region logits = differences of consecutive class scores, so
                  the plain argmax decodes them (no change to prediction)
 --server_momentum: FedAvgM on the server; --spp: slices per sampled patient; --set key=value: run config."""
-import argparse, json, time, copy, sys
+import argparse, json, time, copy, os, sys
 import numpy as np, torch
 import torch.nn.functional as F
 torch.set_num_threads(1)
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, os.environ.get("FEDSEG_REPO", "../.."))  # the repo whose client/training.py runs
 import client.training as T
-import common.losses as L
 from common.dataset import load_site, Preprocessing
 from common.config import TrainSettings, run_config
 from client.site_policy import SitePolicy
@@ -25,7 +24,7 @@ p.add_argument("--rounds", type=int, default=12)
 p.add_argument("--eps", type=float, default=8.0)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--set", action="append", default=[])
-p.add_argument("--root", default="/root/.cache/fedseg/federation-v4-default-3sites-50to60patients-seed{seed}")
+p.add_argument("--root", default=os.path.expanduser("~/.cache/fedseg/federation-v4-default-3sites-50to60patients-seed{seed}"))
 p.add_argument("--classes", default="organ,lesion")
 p.add_argument("--loss", default="repo")
 p.add_argument("--spp", type=int, default=0)
@@ -42,12 +41,10 @@ classes = ("background", *a.classes.split(","))
 C = len(classes)
 pol = SitePolicy()
 pre = Preprocessing(64, (-160.0, 240.0))
-import glob as G, os
+import glob as G
 sites = [load_site(f, classes, pre, pol.validation_fraction, b"") for f in sorted(G.glob(f"{root}/*")) if os.path.isdir(f)]
 print("train/val patients", [(len(s.train), len(s.validation)) for s in sites], flush=True)
 spp = a.spp or pol.slices_per_patient
-L.LAST_FOREGROUND_WEIGHT = a.lesion_w
-L.FIRST_FOREGROUND_WEIGHT = a.first_w
 
 if a.loss == "repo":  # the softmax Dice+CE with 1, first_w .. lesion_w weights (main until 2026-11-24)
     from monai.losses import DiceCELoss

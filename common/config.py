@@ -140,7 +140,7 @@ def run_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     parse_ct_window(merged["ct-window"])
     # Written out with every weight, so a run's record says what it trained with: a weightless list
     # in a history is a run from before per-class weights (server/run_record.py resumes it as it ran).
-    merged["classes"] = ",".join(f"{name}:{weight:g}" for name, weight in class_spec(merged))
+    merged["classes"] = ",".join(f"{name}:{weight:.12g}" for name, weight in class_spec(merged))
     return merged
 
 

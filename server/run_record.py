@@ -297,7 +297,7 @@ def weighted_as_it_ran(classes: str) -> str:
         return classes
     names = [c.strip() for c in classes.split(",") if c.strip()]
     ratio = 20.0 ** (1 / (len(names) - 1)) if len(names) > 1 else 1.0
-    return ",".join(f"{name}:{2.0 * ratio**i:g}" for i, name in enumerate(names))
+    return ",".join(f"{name}:{2.0 * ratio**i:.12g}" for i, name in enumerate(names))
 
 
 class RunRecord:

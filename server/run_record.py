@@ -253,7 +253,10 @@ class SiteTable:
 def final_site_table(history: RunHistory) -> SiteTable:
     """The table the summary (summary.md, the end of a run) and the report (report.html) both show."""
     last = history.last_validated()
-    classes = " / ".join(class_names(history.config)[1:]) if "classes" in history.config else "per class"
+    try:  # a history's own list: older code accepted lists (a repeated name) that are refused today
+        classes = " / ".join(class_names(history.config)[1:])
+    except (KeyError, ValueError):
+        classes = "per class"
     header = ("site", "train patients (binned)", "val Dice", f"Dice {classes}", "HD95 (mm)", "patient-level ε spent", "training status")
     numeric = (False, True, True, False, True, True, False)
     rows = tuple((name, cell(s.get("examples"), ".0f"), cell(s.get("val_dice")),

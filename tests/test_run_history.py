@@ -16,7 +16,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from common.config import run_config
-from server.run_record import HistoryFormatError, RoundRecord, RunHistory, RunRecord, final_site_table, run_status
+from server.run_record import HistoryFormatError, RoundRecord, RunHistory, RunRecord, final_site_table, run_status, weighted_as_it_ran
 from server.run_options import RunOptionsError, _chosen_config
 
 
@@ -161,6 +161,22 @@ def test_the_resume_config_is_the_runs_own(tmp_path):
     args = argparse.Namespace(resume=str(tmp_path), rounds=9, round_timeout=None, round_retries=None)
     config = _chosen_config(args, None, tmp_path)
     assert config["num-server-rounds"] == 9 and config["classes"] == "organ:1,lesion:1" and config["resume"] is True
+    # The run itself, resumed: its user's weightless list was written out as 1 / 1, and stays so.
+    record, _, done = RunRecord.resume(tmp_path, run_config({"resume": True}))
+    assert done == 1 and record.config["classes"] == "organ:1,lesion:1"
+
+
+def test_a_run_from_before_class_weights_is_given_that_codes_weights():
+    """Then the code weighed the first class 2 and the last 40, those between geometrically."""
+    assert weighted_as_it_ran("organ,lesion") == "organ:2,lesion:40" and weighted_as_it_ran("liver") == "liver:2"
+    assert weighted_as_it_ran("a, b, c") == "a:2,b:8.94427191,c:40" and weighted_as_it_ran("a:1,b:1") == "a:1,b:1"
+
+
+def test_the_final_table_of_a_history_with_a_list_refused_today_still_reads(tmp_path):
+    _written_run(tmp_path)
+    history = RunHistory.read(tmp_path)
+    history.config["classes"] = "organ,organ"  # accepted by older code, refused by today's class_spec
+    assert final_site_table(history).header[3] == "Dice per class"
 
 
 def _markdown_rows(text: str) -> list[list[str]]:

@@ -182,7 +182,7 @@ class SiteGuard:
             planned = self.ledger.epsilon(self.policy.delta, [plan.event])
             if planned > self.policy.epsilon_budget:
                 raise Refusal("budget_exhausted")
-            loss = train_round(model, data.train, settings, plan, self.policy.slices_per_patient, self.device)
+            loss = train_round(model, data.train, settings, plan, self.policy.slices_per_patient, preprocessing.image_size, self.device)
             out = model_arrays(model)
             # The training loss stays here: it is the chosen weights' loss on the patients, outside any ε.
             metrics = {"num-examples": self.policy.planned_count(len(data.train)), "epsilon": self.policy.release(planned), "noise-multiplier": round(plan.noise_multiplier, 2),

@@ -52,7 +52,8 @@ def algorithm(global_model: GlobalModel) -> hd.AlgorithmIdentificationSequence:
         name="fedseg U-Net", family=codes.cid7162.ArtificialIntelligence,
         version=f"fedseg {software}, round {global_model.round}, sha256 {global_model.sha256[:16]}",
         source="federated, differentially private training (Flower, Opacus)",
-        parameters={"checkpoint_sha256": global_model.sha256, "image_size": str(global_model.config["image-size"])})
+        parameters={"checkpoint_sha256": global_model.sha256, "image_size": str(global_model.config["image-size"]),
+                    "spacing_mm": str(Preprocessing.from_config(global_model.config).spacing)})
 
 
 def write_nifti(series: Series, mask: np.ndarray, path: Path) -> Path:

@@ -1,8 +1,8 @@
 """One round of local training at a site: DP-SGD with the *patient* as the unit of privacy, and
 validation of a model on the site's held-out patients.
 
-Each step Poisson-samples patients (not slices); a sampled patient contributes a fixed number of its
-slices, drawn by the site from that patient's own labels (foreground-oversampled), and the gradient of that patient's loss is clipped as one (per-patient
+Each step Poisson-samples patients (not slices); a sampled patient contributes a fixed number of
+patches of its slices, drawn by the site from that patient's own labels (foreground-oversampled), and the gradient of that patient's loss is clipped as one (per-patient
 gradients by `torch.func.vmap`; clipping, noise and averaging by Opacus' DPOptimizer). Opacus' RDP
 accountant over (σ, patient sampling rate, steps) then bounds what any one patient can change.
 The sampler and the noise draw from a generator the site seeds from the OS: nobody who knows the run
@@ -76,26 +76,42 @@ def os_seeded_generator(device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
-def _slices(patient: Patient, count: int, generator: torch.Generator) -> np.ndarray:
-    """`count` of the patient's slices, foreground-oversampled as nnU-Net does: when the patient has
-    foreground, at least half of them (as far as it has such slices) show its rarest foreground class.
+def _slices(patient: Patient, count: int, generator: torch.Generator) -> list[tuple[int, int]]:
+    """`count` of the patient's slices, each with the class its patch is to be centred on (0: anywhere),
+    foreground-oversampled as nnU-Net does: when the patient has foreground, at least half of them (as
+    far as it has such slices) show its rarest foreground class, and their patches are centred on it.
 
     The choice reads this patient's own labels only (the patient is the privacy unit: this is its own
     processing, like augmentation); no statistic over other patients enters. With replacement only
     when the patient has fewer slices than `count`."""
-    n = len(patient.images)
-    labels = patient.masks.reshape(n, -1)
-    present = np.bincount(labels.ravel(), minlength=2)[1:]
+    n = len(patient.masks)
+    present = np.bincount(np.concatenate([m.ravel() for m in patient.masks]), minlength=2)[1:]
     if not present.any():
-        return _draw(np.arange(n), count, generator)
+        return [(k, 0) for k in _draw(np.arange(n), count, generator)]
     rarest = 1 + int(np.argmin(np.where(present > 0, present, np.iinfo(np.int64).max)))
-    showing = np.flatnonzero((labels == rarest).any(axis=1))
+    showing = np.flatnonzero([(m == rarest).any() for m in patient.masks])
     others = np.setdiff1d(np.arange(n), showing)
     wanted = min(len(showing), max(math.ceil(count / 2), count - len(others)))
-    chosen = _draw(showing, wanted, generator)
-    rest = _draw(others, min(count - wanted, len(others)), generator)
-    picked = np.concatenate([chosen, rest])
-    return picked if len(picked) == count else np.concatenate([picked, _draw(np.arange(n), count - len(picked), generator)])
+    picked = [(k, rarest) for k in _draw(showing, wanted, generator)] + [(k, 0) for k in _draw(others, min(count - wanted, len(others)), generator)]
+    return picked + [(k, 0) for k in _draw(np.arange(n), count - len(picked), generator)]
+
+
+def _patch(image: np.ndarray, mask: np.ndarray, size: int, focus: int, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A `size` x `size` patch of one slice ([1, H, W] image, [H, W] mask): centred on a random pixel of
+    class `focus` (0: anywhere on the slice), shifted to lie within it. A slice smaller than the patch
+    is padded by its edge pixels, as prediction's sliding window pads it."""
+    short = [max(0, size - n) for n in mask.shape]
+    if any(short):
+        pad = [(d // 2, d - d // 2) for d in short]
+        image, mask = np.pad(image, [(0, 0), *pad], mode="edge"), np.pad(mask, pad, mode="edge")
+    if focus:
+        ys, xs = np.nonzero(mask == focus)
+        pick = int(torch.randint(len(ys), (1,), generator=generator))
+        centre = (ys[pick], xs[pick])
+    else:
+        centre = tuple(int(torch.randint(n, (1,), generator=generator)) for n in mask.shape)
+    y, x = (min(max(0, c - size // 2), n - size) for c, n in zip(centre, mask.shape))
+    return image[:, y:y + size, x:x + size], mask[y:y + size, x:x + size]
 
 
 def _draw(pool: np.ndarray, count: int, generator: torch.Generator) -> np.ndarray:
@@ -116,7 +132,7 @@ def round_learning_rate(settings: TrainSettings) -> float:
 
 
 def train_round(model: torch.nn.Module, patients: Sequence[Patient], settings: TrainSettings, plan: RoundPlan,
-                slices_per_patient: int, device: torch.device) -> float:
+                slices_per_patient: int, patch: int, device: torch.device) -> float:
     """`plan.steps` steps from the global weights; returns the mean training loss of sampled patients."""
     # Both OS-seeded: the sampler draws on the CPU, Opacus draws the noise where the weights are.
     sampling, noise = os_seeded_generator(torch.device("cpu")), os_seeded_generator(torch.device(device))
@@ -149,7 +165,7 @@ def train_round(model: torch.nn.Module, patients: Sequence[Patient], settings: T
         optimizer.zero_grad(set_to_none=True)
         params = {n: p.detach() for n, p in model.named_parameters()}
         if batch:
-            images, masks = _batch([patients[i] for i in batch], slices_per_patient, augment, sampling)
+            images, masks = _batch([patients[i] for i in batch], slices_per_patient, patch, augment, sampling)
             onehot = torch.nn.functional.one_hot(masks.to(device), num_classes).movedim(-1, 2).float()
             if isinstance(optimizer, DPOptimizer):  # one gradient per patient, for Opacus to clip and noise
                 grads, loss = per_patient(params, images.to(device), onehot)
@@ -172,12 +188,13 @@ def train_round(model: torch.nn.Module, patients: Sequence[Patient], settings: T
     return float(np.mean(losses)) if losses else math.nan
 
 
-def _batch(patients: Sequence[Patient], count: int, augment, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """[patients, count, 1, S, S] images and [patients, count, S, S] class indices, augmented."""
+def _batch(patients: Sequence[Patient], count: int, size: int, augment, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """[patients, count, 1, size, size] image patches and [patients, count, size, size] class indices, augmented."""
     images, masks = [], []
     for patient in patients:
-        for k in _slices(patient, count, generator):
-            item = augment({"image": patient.images[k], "mask": patient.masks[k].astype(np.float32)})
+        for k, focus in _slices(patient, count, generator):
+            image, mask = _patch(patient.images[k], patient.masks[k], size, focus, generator)
+            item = augment({"image": image, "mask": mask[None].astype(np.float32)})
             images.append(torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32))
             masks.append(torch.as_tensor(np.asarray(item["mask"]))[0].round().long())
     shape = (len(patients), count)
@@ -188,7 +205,8 @@ def evaluate(model: torch.nn.Module, data: SiteData, num_classes: int, device: t
     """Per-class Dice/IoU/HD95 over the site's validation patients (each a 3D volume), averaged. Each is
     scored on its series' own pixel grid and spacing, predicted as `fedseg predict` writes it: the Dice
     a site reports is the Dice of what prediction gives it."""
-    per_volume = [class_metrics(native_labels(model, v.image, v.mask.shape[1:], device), v.mask, num_classes, v.spacing)
+    patch = data.preprocessing.image_size
+    per_volume = [class_metrics(native_labels(model, v.image, v.mask.shape[1:], patch, device), v.mask, num_classes, v.spacing)
                   for v in data.validation]
     metrics: dict[str, float] = {}
     with warnings.catch_warnings():

@@ -31,6 +31,7 @@ class Option:
     resumable: bool = False
 
 
+SPACING_BOUNDS = (0.25, 20.0)  # mm a pixel may be at the model (besides 0): finer needs GBs for a CT, coarser loses organs
 HU_BOUNDS = (-2048.0, 4096.0)  # what a CT window may span: the lung window reaches -1350 HU, bone +1500 and more
 CLASS_WEIGHTS = (0.001, 1000.0)  # what a class's loss weight may be: a smaller one is 0 in a float32 loss, or near it
 MIN_CT_WIDTH = 10.0  # HU: narrower than any clinical window; a width near float32's resolution gives NaN images
@@ -53,10 +54,16 @@ OPTIONS: dict[str, Option] = {
                                flag="noise-multiplier", to_sites=True),
     "max-grad-norm": Option(1.0, "DP-SGD clipping norm of one patient's gradient", flag="max-grad-norm", to_sites=True),
     "delta": Option(1e-5, "δ the run asks for; a deployed site uses its own policy's", flag="delta", to_sites=True),
-    "image-size": Option(64, "slices are resampled to this many pixels a side", flag="image-size", to_sites=True),
+    # The model works at one physical pixel size, whatever each scanner's field of view: a structure is
+    # as many pixels wide at every site, and a large series is covered by patches, not shrunk.
+    "spacing": Option(4.0, "in-plane pixel spacing in mm the model works at: each slice is resampled to it (0: each slice "
+                      "is resampled whole to --image-size, whatever its field of view; default %(default)s)",
+                      flag="spacing", metavar="MM", to_sites=True),
+    "image-size": Option(64, "side in pixels of the patches the model trains on (crops of the resampled slices) and slides "
+                         "over a slice in prediction (default %(default)s)", flag="image-size", to_sites=True),
     # Chosen by the coordinator for the task (the default: abdominal soft tissue; bone: -200,1500), the
     # same for every patient and independent of the data: it costs no privacy.
-    "ct-window": Option("-160,240", "CT intensity window in HU, mapped to [0, 1] (MR: each volume's own percentiles); "
+    "ct-window": Option("-160,240", "CT intensity window in HU, mapped to [0, 1] (MR: each volume z-scored by its own statistics); "
                         "a negative LOW needs '=': --ct-window=-200,1500 (default %(default)s)",
                         flag="ct-window", metavar="LOW,HIGH", to_sites=True),
     # The loss weight of each class is the task's, chosen by the coordinator: the same for every patient
@@ -138,6 +145,7 @@ def run_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         if option.choices and merged[key] not in option.choices:
             raise ValueError(f"{key} must be one of {option.choices}, got {merged[key]!r}")
     parse_ct_window(merged["ct-window"])
+    parse_spacing(merged["spacing"])
     # Written out with every weight, so a run's record says what it trained with: a weightless list
     # in a history is a run from before per-class weights (server/run_record.py resumes it as it ran).
     merged["classes"] = ",".join(f"{name}:{weight:.12g}" for name, weight in class_spec(merged))
@@ -155,6 +163,18 @@ def parse_ct_window(text: str) -> tuple[float, float]:
         raise ValueError(f"ct-window must be 'LOW,HIGH' in HU with {HU_BOUNDS[0]:g} <= LOW, LOW + {MIN_CT_WIDTH:g} <= HIGH "
                          f"<= {HU_BOUNDS[1]:g}, got {text!r}")
     return low, high
+
+
+def parse_spacing(value: Any) -> float:
+    """The model's in-plane pixel spacing in mm: 0 (each slice resampled whole to the image size) or
+    within SPACING_BOUNDS; anything else is a ValueError that says what is expected."""
+    try:
+        spacing = float(value)
+    except (TypeError, ValueError):
+        spacing = math.nan
+    if not (spacing == 0 or SPACING_BOUNDS[0] <= spacing <= SPACING_BOUNDS[1]):  # False for NaN
+        raise ValueError(f"spacing must be 0 or {SPACING_BOUNDS[0]:g} to {SPACING_BOUNDS[1]:g} mm, got {value!r}")
+    return spacing
 
 
 def class_spec(config: Mapping[str, Any]) -> list[tuple[str, float]]:

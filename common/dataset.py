@@ -3,11 +3,13 @@
 Preprocessing (`Preprocessing`: one object, from the run config, so that training, validation, the
 report and prediction prepare images identically) is modality-aware — CT: the run's fixed HU window
 (`ct-window`, abdominal soft tissue by default), so calibrated scanners agree; MR and others: each
-volume's own 1st-99th percentiles, since their intensities have no absolute scale — and resamples
-every slice to one in-plane size; a validation volume keeps its series' own labels and spacing too,
-where it is scored. Each patient is processed from its own volume alone (patient-level
-DP needs that). The split is by patient and chosen by the site (a keyed hash of the PatientID), never
-by the server: slices of one patient never sit on both sides, and an added patient moves no other.
+volume's own z-score, since their intensities have no absolute scale — and resamples every slice to
+the run's in-plane pixel spacing (`spacing`), so a structure is as many pixels wide whatever the
+scanner's field of view; the model then sees patches of `image-size` (crops in training, a sliding
+window in prediction). A validation volume keeps its series' own labels and spacing, where it is
+scored. Each patient is processed from its own volume alone (patient-level DP needs that). The split
+is by patient and chosen by the site (a keyed hash of the PatientID), never by the server: slices of
+one patient never sit on both sides, and an added patient moves no other.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,16 +26,16 @@ from typing import Any
 import numpy as np
 from monai.transforms import (
     Compose,
+    NormalizeIntensity,
     RandAffined,
     RandGaussianNoised,
     RandScaleIntensityd,
     RandShiftIntensityd,
     Resize,
     ScaleIntensityRange,
-    ScaleIntensityRangePercentiles,
 )
 
-from common.config import RUN_DEFAULTS, parse_ct_window
+from common.config import RUN_DEFAULTS, parse_ct_window, parse_spacing
 from common.dicom_io import LabelledSeries, LoadReport, Series, load_site_series
 
 
@@ -41,14 +44,46 @@ class Preprocessing:
     """How a series becomes what the model sees. Made from the run config (`from_config`), the same
     one in training and prediction. Hashable: it keys the site's cache of loaded data."""
 
-    image_size: int
+    image_size: int  # the patch side in pixels
     ct_window: tuple[float, float]  # HU mapped to [0, 1]
+    spacing: float  # mm per pixel at the model; 0: each slice resampled whole to image_size
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Preprocessing:
         """From a run config (as sent to a site, or saved in a checkpoint). One without `ct-window` is
-        from before the option, when every CT was windowed at its default. A bad value is a ValueError."""
-        return cls(int(config["image-size"]), parse_ct_window(config.get("ct-window", RUN_DEFAULTS["ct-window"])))
+        from before the option, when every CT was windowed at its default; one without `spacing`, when
+        every slice was resampled whole to the image size. A bad value is a ValueError."""
+        return cls(int(config["image-size"]), parse_ct_window(config.get("ct-window", RUN_DEFAULTS["ct-window"])),
+                   parse_spacing(config.get("spacing", 0.0)))
+
+    def grid(self, series: Series) -> tuple[int, int]:
+        """(rows, cols) of the series' slices at the model: at `spacing`, or the image size. Past MAX_GRID
+        pixels a side, a ValueError."""
+        if not self.spacing:
+            return self.image_size, self.image_size
+        rows, cols = series.volume.shape[1:]
+        grid = tuple(max(1, round(n * mm / self.spacing)) for n, mm in zip((rows, cols), series.spacing[1:]))
+        if max(grid) > MAX_GRID:
+            raise ValueError(f"series {series.uid} ({rows}x{cols} at {series.spacing[1]:g}x{series.spacing[2]:g} mm) would be "
+                             f"{grid[0]}x{grid[1]} pixels at {self.spacing:g} mm; at most {MAX_GRID} a side")
+        return grid
+
+
+def check_growth(series: Sequence[Series], preprocessing: Preprocessing) -> None:
+    """A ValueError, before anything is resampled, when the series prepared would take more than
+    MAX_GROWTH times their own pixels (or MIN_BUDGET_PIXELS, when more): a fine spacing adds no detail
+    a scanner did not record, and a coordinator must not be able to make a site hold many times its
+    images in memory (upsampling a coarse series to a run's spacing stays possible)."""
+    own = sum(s.volume.size for s in series)
+    prepared = sum(len(s.volume) * math.prod(preprocessing.grid(s)) for s in series)
+    if prepared > max(MAX_GROWTH * own, MIN_BUDGET_PIXELS):
+        raise ValueError(f"{len(series)} series of {own} pixels would take {prepared} at {preprocessing.spacing:g} mm spacing: "
+                         f"more than {MAX_GROWTH}x their own (or {MIN_BUDGET_PIXELS})")
+
+
+MAX_GRID = 2048  # pixels a side of a resampled slice (a float32 slice of 16 MB)
+MAX_GROWTH = 4  # times a site's own pixels its prepared images may take, at most ...
+MIN_BUDGET_PIXELS = 2**26  # ... or this many (256 MB of float32), so a small or coarse site may be upsampled
 
 
 @dataclass
@@ -57,18 +92,19 @@ class Volume:
     and spacing of the series' own pixel grid, where validation scores the model, as prediction writes."""
 
     patient_id: str
-    image: np.ndarray  # [slices, 1, S, S] float32
+    image: np.ndarray  # [slices, 1, H, W] float32, at the model's spacing
     mask: np.ndarray  # [slices, rows, cols] uint8, the series' own grid
     spacing: tuple[float, float, float]  # (slice, row, col) mm, the series' own
 
 
 @dataclass
 class Patient:
-    """One training patient: the unit of privacy. All its series' slices, preprocessed."""
+    """One training patient: the unit of privacy. All its series' slices, preprocessed (each series
+    has its own grid at the model's spacing, so slices are listed one by one)."""
 
     patient_id: str
-    images: np.ndarray  # [slices, 1, S, S] float32
-    masks: np.ndarray  # [slices, 1, S, S] uint8
+    images: list[np.ndarray]  # per slice [1, H, W] float32
+    masks: list[np.ndarray]  # per slice [H, W] uint8
 
 
 @dataclass
@@ -77,6 +113,7 @@ class SiteData:
     train: list[Patient]
     validation: list[Volume]
     report: LoadReport | None
+    preprocessing: Preprocessing
 
     @property
     def train_slices(self) -> int:
@@ -84,28 +121,27 @@ class SiteData:
 
 
 def normalise(volume: np.ndarray, modality: str, ct_window: tuple[float, float]) -> np.ndarray:
-    """Intensities in [0, 1]: CT through `ct_window` (HU), anything else by its own percentiles."""
+    """CT through `ct_window` (HU) to [0, 1]; anything else z-scored by its own mean and deviation
+    (nnU-Net's rule for MR: the volume's own statistics, no other patient's)."""
     if modality == "CT":
         scale = ScaleIntensityRange(a_min=ct_window[0], a_max=ct_window[1], b_min=0.0, b_max=1.0, clip=True)
     else:
-        scale = ScaleIntensityRangePercentiles(lower=1, upper=99, b_min=0.0, b_max=1.0, clip=True)
-    return np.asarray(scale(volume), dtype=np.float32)
+        scale = NormalizeIntensity()
+    return np.asarray(scale(volume.astype(np.float32)), dtype=np.float32)
 
 
 def prepare_image(series: Series, preprocessing: Preprocessing) -> np.ndarray:
     """What the model sees of a series, in training and in prediction alike: windowed/normalised,
-    each slice resampled to S x S (the image size). [slices, 1, S, S] float32."""
-    size = preprocessing.image_size
-    image = Resize((size, size), mode="bilinear", anti_aliasing=True)(normalise(series.volume, series.modality, preprocessing.ct_window))
+    each slice resampled to the model's grid (`Preprocessing.grid`). [slices, 1, H, W] float32."""
+    image = Resize(preprocessing.grid(series), mode="bilinear", anti_aliasing=True)(normalise(series.volume, series.modality, preprocessing.ct_window))
     return np.asarray(image, dtype=np.float32)[:, None]
 
 
 def training_slices(ls: LabelledSeries, preprocessing: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
-    """The image as the model sees it and the mask resampled with it (nearest neighbour), each
-    [slices, 1, S, S]: what training learns from."""
-    size = preprocessing.image_size
-    mask = Resize((size, size), mode="nearest")(ls.mask.astype(np.float32))
-    return prepare_image(ls.series, preprocessing), np.asarray(mask).astype(np.uint8)[:, None]
+    """The image as the model sees it, [slices, 1, H, W], and the mask resampled with it (nearest
+    neighbour), [slices, H, W]: what training learns from."""
+    mask = Resize(preprocessing.grid(ls.series), mode="nearest")(ls.mask.astype(np.float32))
+    return prepare_image(ls.series, preprocessing), np.asarray(mask).astype(np.uint8)
 
 
 def validation_volume(ls: LabelledSeries, preprocessing: Preprocessing) -> Volume:
@@ -133,13 +169,14 @@ def load_site(folder: str, class_names: tuple[str, ...], preprocessing: Preproce
               split_key: bytes = b"") -> SiteData:
     """Load once per process (the site guard keeps it warm)."""
     labelled, report = load_site_series(Path(folder), class_names)
+    check_growth([ls.series for ls in labelled], preprocessing)
     train_ids, val_ids = split_patients([ls.series.patient_id for ls in labelled], val_fraction, split_key)
     train: list[Patient] = []
     for pid in train_ids:
         images, masks = zip(*(training_slices(ls, preprocessing) for ls in labelled if ls.series.patient_id == pid))
-        train.append(Patient(pid, np.concatenate(images), np.concatenate(masks)))
+        train.append(Patient(pid, [s for series in images for s in series], [m for series in masks for m in series]))
     validation = [validation_volume(ls, preprocessing) for ls in labelled if ls.series.patient_id in val_ids]
-    return SiteData(folder=folder, train=train, validation=validation, report=report)
+    return SiteData(folder=folder, train=train, validation=validation, report=report, preprocessing=preprocessing)
 
 
 def augmentation(seed: int) -> Compose:

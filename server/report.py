@@ -97,7 +97,7 @@ def _overlays(run_dir: Path, site_dirs: Sequence[str], path: Path, per_site: int
         if not data.validation:
             continue
         volume = data.validation[0]
-        pred = native_labels(global_model.model, volume.image, volume.mask.shape[1:], torch.device("cpu"))
+        pred = native_labels(global_model.model, volume.image, volume.mask.shape[1:], data.preprocessing.image_size, torch.device("cpu"))
         dice = foreground_dice(class_metrics(pred, volume.mask, len(names), volume.spacing)["dice"])
         for k in most_labelled_slices(volume.mask, per_site):
             panels.append((volume.image[k, 0], volume.mask[k], f"{volume.patient_id} truth"))

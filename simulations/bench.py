@@ -53,6 +53,7 @@ class Plan:
     rounds: int
     local_epochs: int
     image_size: int
+    spacing: float
     batch_size: int
     epsilons: tuple[float, ...]
     scale: tuple[int, ...]
@@ -63,11 +64,11 @@ class Plan:
 
 
 PLANS = {
-    "quick": Plan(sites=2, size="tiny", rounds=1, local_epochs=1, image_size=32, batch_size=8, epsilons=(8.0,), scale=(2,), patients=(3,),
+    "quick": Plan(sites=2, size="tiny", rounds=1, local_epochs=1, image_size=32, spacing=8.0, batch_size=8, epsilons=(8.0,), scale=(2,), patients=(3,),
                   cost_rounds=1, real_dp=False),
     # The product's own recipe: what `fedseg simulate` runs by default.
     "full": Plan(sites=3, size="default", rounds=RUN_DEFAULTS["num-server-rounds"], local_epochs=RUN_DEFAULTS["local-epochs"],
-                 image_size=RUN_DEFAULTS["image-size"], batch_size=RUN_DEFAULTS["batch-size"], epsilons=(1.0, 3.0, 8.0),
+                 image_size=RUN_DEFAULTS["image-size"], spacing=RUN_DEFAULTS["spacing"], batch_size=RUN_DEFAULTS["batch-size"], epsilons=(1.0, 3.0, 8.0),
                  scale=(4, 16), seeds=(0, 1, 2), patients=(10, 25, 100)),  # 32 simulated sites need ~30 GB: a guard each
 }
 FEDERATED = ("fedavg", "fedprox", "fedadam")
@@ -151,7 +152,7 @@ def simulate(plan: Plan, label: str, out: Path, cache: Path, *options: str, seed
     if patients is not None:
         source += ["--patients", str(patients)]
     arguments = ["simulate", *source, "--rounds", str(plan.rounds), "--local-epochs", str(plan.local_epochs), "--image-size",
-                 str(plan.image_size), "--batch-size", str(plan.batch_size), "--seed", str(seed), "--cache-dir", str(cache),
+                 str(plan.image_size), "--spacing", str(plan.spacing), "--batch-size", str(plan.batch_size), "--seed", str(seed), "--cache-dir", str(cache),
                  "--validation-key", validation_key(seed), *options]
     data = data_root or federation_dir(cache, sites or plan.sites, seed, size or plan.size, patients)  # its name has the generator's version
     key = {"arguments": arguments, "data": Path(data).name, "code": code_version()}
@@ -260,10 +261,10 @@ def centralised(plan: Plan, site_dirs: list[str], seed: int) -> dict[str, Any]:
     from common.config import TrainSettings, run_config
     from common.model import build_model
 
-    config = run_config({"image-size": plan.image_size, "batch-size": plan.batch_size, "seed": seed,
+    config = run_config({"image-size": plan.image_size, "spacing": plan.spacing, "batch-size": plan.batch_size, "seed": seed,
                          "target-epsilon": math.inf, "num-server-rounds": 1, "local-epochs": plan.rounds * plan.local_epochs})
     data = {Path(d).name: _site_data(d, config, seed) for d in site_dirs}
-    pooled = SiteData("pooled", [p for d in data.values() for p in d.train], [], None)
+    pooled = SiteData("pooled", [p for d in data.values() for p in d.train], [], None, Preprocessing.from_config(config))
     settings = TrainSettings.from_config({**config, "server-round": 1})
 
     def trained_on(train: SiteData) -> dict[str, Any]:
@@ -271,7 +272,7 @@ def centralised(plan: Plan, site_dirs: list[str], seed: int) -> dict[str, Any]:
         model = build_model(3)
         started = time.time()
         round_plan = plan_round(settings, SITE.planned_count(len(train.train), settings.private), settings.delta)
-        train_round(model, train.train, settings, round_plan, SITE.slices_per_patient, torch.device("cpu"))
+        train_round(model, train.train, settings, round_plan, SITE.slices_per_patient, plan.image_size, torch.device("cpu"))
         seconds = time.time() - started
         per_site = {}
         for name, site in data.items():
@@ -292,7 +293,7 @@ def _epoch_cost(private: bool, plan: Plan, site_dir: str, seed: int, queue: Any)
     from common.model import build_model
 
     torch.set_num_threads(1)
-    config = run_config({"image-size": plan.image_size, "batch-size": plan.batch_size, "num-server-rounds": 1, "local-epochs": 1,
+    config = run_config({"image-size": plan.image_size, "spacing": plan.spacing, "batch-size": plan.batch_size, "num-server-rounds": 1, "local-epochs": 1,
                          "target-epsilon": 8.0 if private else math.inf})
     data = _site_data(site_dir, config, seed)
     before = _rss_kb(os.getpid())
@@ -309,9 +310,9 @@ def _epoch_cost(private: bool, plan: Plan, site_dir: str, seed: int, queue: Any)
     settings = TrainSettings.from_config({**config, "server-round": 1})
     round_plan = plan_round(settings, SITE.planned_count(len(data.train), settings.private), settings.delta)
     # A first round pays one-off costs (allocator, vmap tracing, lazy imports); the second is timed.
-    train_round(build_model(3), data.train, settings, round_plan, SITE.slices_per_patient, torch.device("cpu"))
+    train_round(build_model(3), data.train, settings, round_plan, SITE.slices_per_patient, plan.image_size, torch.device("cpu"))
     started = time.perf_counter()
-    train_round(build_model(3), data.train, settings, round_plan, SITE.slices_per_patient, torch.device("cpu"))
+    train_round(build_model(3), data.train, settings, round_plan, SITE.slices_per_patient, plan.image_size, torch.device("cpu"))
     seconds = time.perf_counter() - started
     sampling.set()
     sampler.join()
@@ -376,27 +377,31 @@ def communication(history: RunHistory) -> dict[str, Any]:
     return {"to_site_bytes_per_round": _mean(down), "from_site_bytes_per_round": _mean(up)}
 
 
-def inference_speed(size: int = 256, batch: int = 16, seconds: float = 3.0) -> dict[str, float]:
-    """Slices per second through the U-Net at size x size, on the CPU and on the GPU when present."""
+def inference_speed(size: int = 256, pixel_mm: float = 1.5, slices: int = 32, seconds: float = 3.0) -> dict[str, float]:
+    """Slices per second of `fedseg predict`'s own path (`segment_series`: windowing, resampling to the
+    run's spacing, the sliding window, scores back on the series' grid), on a size x size CT series
+    at `pixel_mm`, with the default run config; on the CPU and on the GPU when present."""
     import torch
 
+    from common.config import run_config
+    from common.dicom_io import Series
+    from common.inference import segment_series
     from common.model import build_model
 
     model = build_model(3).eval()
+    preprocessing = Preprocessing.from_config(run_config())
+    volume = np.random.default_rng(0).normal(40, 100, (slices, size, size)).astype(np.float32)
+    series = Series(uid="1.2.3", patient_id="bench", modality="CT", sop_uids=[], volume=volume, spacing=(3.0, pixel_mm, pixel_mm),
+                    origin=np.zeros(3), orientation=np.array([1.0, 0, 0, 0, 1, 0]))
     out = {}
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        model.to(device)
-        x = torch.randn(batch, 1, size, size, device=device)
-        with torch.no_grad():
-            model(x)
-            started, done = time.perf_counter(), 0
-            while time.perf_counter() - started < seconds:
-                model(x)
-                done += batch
-            if device == "cuda":
-                torch.cuda.synchronize()
+        segment_series(model, series, preprocessing, torch.device(device))  # warm-up
+        started, done = time.perf_counter(), 0
+        while time.perf_counter() - started < seconds:
+            segment_series(model, series, preprocessing, torch.device(device))  # ends on the CPU: synchronised
+            done += slices
         out[f"{device}_slices_per_s"] = done / (time.perf_counter() - started)
-    out["threads"] = torch.get_num_threads()
+    out.update({"threads": torch.get_num_threads(), "pixel_mm": pixel_mm, "spacing_mm": preprocessing.spacing, "patch": preprocessing.image_size})
     return out
 
 
@@ -438,8 +443,8 @@ def deployment_overhead(plan: Plan, out: Path, site_dirs: list[str]) -> dict[str
             procs.append(subprocess.Popen([*fedseg, "site", site, "--data", folder, "--server", f"127.0.0.1:{port}", "--insecure", "--threads", "1"],
                                           stdout=(base / f"site-{i + 1}.log").open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
         code, wall, _ = run_measured([*fedseg, "run", str(base / "coordinator"), "--rounds", str(plan.cost_rounds), "--local-epochs",
-                                      str(plan.local_epochs), "--image-size", str(plan.image_size), "--batch-size", str(plan.batch_size),
-                                      "--epsilon", "8", "--min-sites", str(len(site_dirs)), "--run-dir", "runs/bench"], base / "run.log")
+                                      str(plan.local_epochs), "--image-size", str(plan.image_size), "--spacing", str(plan.spacing),
+                                      "--batch-size", str(plan.batch_size), "--epsilon", "8", "--min-sites", str(len(site_dirs)), "--run-dir", "runs/bench"], base / "run.log")
         if code != 0:
             raise RuntimeError(f"the benchmark's deployment run failed; see {base / 'run.log'}")
         history = RunHistory.read(base / "coordinator" / "runs" / "bench")
@@ -680,7 +685,8 @@ def table(results: dict[str, Any]) -> str:
     for count, entry in results["scale"].items():
         lines.append(f"| {count} simulated sites (tiny data, 32 px) | {entry['round_s']:.1f} s per round, peak memory {entry['peak_mb']:.0f} MB |")
     inf = results["inference_256"]
-    lines.append(f"| inference, 256x256 slices | CPU ({inf['threads']} threads) {inf['cpu_slices_per_s']:.0f} slices/s"
+    where = f", {inf['pixel_mm']:g} mm pixels, predicted at {inf['spacing_mm']:g} mm in {inf['patch']}² windows" if "patch" in inf else ""
+    lines.append(f"| inference, 256x256 slices{where} | CPU ({inf['threads']} threads) {inf['cpu_slices_per_s']:.0f} slices/s"
                  + (f", GPU {inf['cuda_slices_per_s']:.0f} slices/s" if "cuda_slices_per_s" in inf else "") + " |")
     lines += ["", "| target | where we are |", "|---|---|",
               "| pooled non-DP Dice: organ ≥ 0.95, lesion ≥ 0.70 (built-in classes) | "

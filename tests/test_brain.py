@@ -16,7 +16,7 @@ def test_brain_sites_load_as_labelled_mr_series_with_both_tissues(tmp_path):
     assert meta["classes"] == ["grey-matter", "white-matter"] and [s["site"] for s in meta["sites"]] == ["brain-01"]
     site = load_site(str(root / "brain-01"), CLASS_NAMES, Preprocessing.from_config(run_config({"image-size": 32})), 0.25)
     assert not site.report.skipped and len(site.report.used) == 3  # every patient's series, with its SEG
-    labels = np.concatenate([p.masks.ravel() for p in site.train])
+    labels = np.concatenate([m.ravel() for p in site.train for m in p.masks])
     fractions = [(labels == c).mean() for c in (1, 2)]
     assert all(0.05 < f < 0.6 for f in fractions)  # both tissues present, neither fills the head
     assert {name: set(c) for name, c in site.report.class_codes.items()} == {  # what the tissues are, in SNOMED CT

@@ -19,7 +19,7 @@ from client.predict import predict_folder
 from client.site_state import SiteState
 from common.class_codes import CATEGORIES, GENERIC, TYPES, coding, consensus, releasable, stored, vocabulary
 from common.config import run_config
-from common.dataset import SiteData
+from common.dataset import Preprocessing, SiteData
 from common.dicom_io import load_site_series
 from common.model import build_model, load_global_model
 from common.parameters import to_arrays
@@ -63,7 +63,7 @@ def _released(tmp_path, codings_per_patient, caplog, example_count_bin: int):
     _, report = load_site_series(site, CLASSES)
     guard, _ = open_guard(SiteState(tmp_path / "state"), "north", site, {"epsilon_budget": 8.0, "example_count_bin": example_count_bin})
     with caplog.at_level(logging.WARNING, logger="client.guard"):
-        released = guard.class_codes(SiteData(str(site), [], [], report))
+        released = guard.class_codes(SiteData(str(site), [], [], report, Preprocessing.from_config(run_config())))
     return released, caplog.text, report
 
 

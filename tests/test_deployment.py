@@ -137,7 +137,7 @@ def test_sites_train_over_tls_through_a_dead_hospital_and_a_server_crash_while_i
         site.wait_for("connecting to", timeout=120)
     _wait_until(lambda: _online(root) == set(HOSPITALS), 90, "both sites online")
     run_dir = root / "coordinator" / "runs" / "test"
-    run = Background("run", ["run", "coordinator", "--rounds", "2", "--local-epochs", "2", "--epsilon", "30", "--image-size", "32",
+    run = Background("run", ["run", "coordinator", "--rounds", "2", "--local-epochs", "2", "--epsilon", "30", "--image-size", "32", "--spacing", "8",
                              "--batch-size", "8", "--min-sites", "1", "--round-timeout", "300", "--run-dir", "runs/test"], root)
     federation["started"].append(run)
     run.wait_for("round 1: training at 2 sites", timeout=240)

@@ -202,15 +202,18 @@ def test_the_ct_window_and_class_weights_come_with_the_rounds_config_and_a_bad_o
     monkeypatch.setattr(guard_module, "load_site", lambda folder, classes, preprocessing, *rest:
                         used.append(preprocessing) or real_load(folder, classes, preprocessing, *rest))
     assert _call(guard, MessageType.EVALUATE, 0, **{"ct-window": "-200,1500"}).content["site"]["status"] == "ok"
-    assert used == [Preprocessing(32, (-200.0, 1500.0))]
+    assert used == [Preprocessing(32, (-200.0, 1500.0), 4.0)]
     weights = model_arrays(build_model(3))
-    older = {k: v for k, v in _request(0).items() if k != "ct-window"}  # a server from before the option
+    older = {k: v for k, v in _request(0).items() if k not in ("ct-window", "spacing")}  # a server from before the options
     reply, _ = guard.handle({"op": "validate", "run": "older", "round": 0, "settings": older}, weights)
-    assert reply["status"] == "ok" and used[-1] == Preprocessing(32, (-160.0, 240.0))
+    assert reply["status"] == "ok" and used[-1] == Preprocessing(32, (-160.0, 240.0), 0.0)
     for bad in ("1500,-200", "-160", "nan,240", "-160,1e9", 240.0, [-160, 240]):
         reply, out = guard.handle({"op": "validate", "run": "bad", "round": 0, "settings": {**_request(0), "ct-window": bad}}, weights)
         assert (reply["status"], reply["code"], out) == ("refused", "bad_request", {}), bad
-    assert len(used) == 2  # a refused window never reached the data
+    for bad in (-1.0, 0.1, 25.0, "nan", "4 mm"):  # a spacing outside 0.25-20 mm (or 0)
+        reply, out = guard.handle({"op": "validate", "run": "bad", "round": 0, "settings": {**_request(0), "spacing": bad}}, weights)
+        assert (reply["status"], reply["code"], out) == ("refused", "bad_request", {}), bad
+    assert len(used) == 2  # a refused window or spacing never reached the data
     for bad in ("organ:1e9,lesion", "organ:nan,lesion", "organ:0,lesion", "organ:-2,lesion", "organ,lesion:x"):  # class weights
         for op in ("train", "validate"):
             reply, out = guard.handle({"op": op, "run": "bad", "round": 1, "settings": {**_request(1), "classes": bad}}, weights)
@@ -288,6 +291,25 @@ def test_a_load_error_leaves_as_a_code_without_patient_identifiers(tiny_site, tm
     kept = (tmp_path / "run" / "history.json").read_text() + console + repr(reply.content)
     assert "data_unusable" in kept
     assert not any(pid in kept for pid in patient_ids) and str(broken) not in kept and "site-01" not in kept
+
+
+def test_a_spacing_that_would_blow_a_sites_images_up_is_refused_before_any_is_allocated(tiny_site, tmp_path, monkeypatch):
+    """A hostile coordinator asks for 0.25 mm pixels: the tiny site's ~9 mm series would take ~1400x
+    their own memory. The site refuses it as unusable data, resamples nothing, spends nothing, and
+    trains at 8 mm next."""
+    import common.dataset
+
+    monkeypatch.setattr(common.dataset, "MIN_BUDGET_PIXELS", 0)  # the site as if large: only the 4x rule
+    resized = []
+    real_resize = common.dataset.Resize
+    monkeypatch.setattr(common.dataset, "Resize", lambda size, **kw: resized.append(size) or real_resize(size, **kw))
+    guard = _guard(tmp_path, tiny_site)
+    for kind in (MessageType.TRAIN, MessageType.EVALUATE):
+        reply = _call(guard, kind, 1, spacing=0.25)
+        assert (reply.content["site"]["status"], reply.content["site"]["reason"]) == ("refused", "data_unusable"), kind
+    assert resized == [] and guard.spent() == 0.0
+    assert _call(guard, MessageType.TRAIN, 1, spacing=8.0).content["site"]["status"] == "ok"
+    assert resized and max(max(size) for size in resized) < 100 and guard.spent() > 0
 
 
 def test_audit_log_names_exactly_the_arrays_the_server_received(tiny_site, tmp_path, fedseg_here):
@@ -400,15 +422,19 @@ def test_slice_choice_oversamples_the_patients_rarest_class_from_its_own_labels(
     from client.training import _slices
     from common.dataset import Patient
 
-    masks = np.zeros((8, 1, 8, 8), np.uint8)
-    masks[:, 0, :3, :3] = 1  # organ on every slice
-    masks[[2, 5], 0, 5, 5] = 2  # lesion on two of eight
-    patient = Patient("p", np.zeros((8, 1, 8, 8), np.float32), masks)
+    masks = np.zeros((8, 8, 8), np.uint8)
+    masks[:, :3, :3] = 1  # organ on every slice
+    masks[[2, 5], 3:8, 3:8] = 2  # lesion on two of eight: 50 pixels in all, fewer than the organ's 72
+
+    def patient(pid: str, labels: np.ndarray) -> Patient:
+        return Patient(pid, [np.zeros((1, 8, 8), np.float32)] * len(labels), list(labels))
+
     generator = torch.Generator().manual_seed(0)
     for _ in range(20):
-        chosen = _slices(patient, 4, generator)
-        assert len(chosen) == 4 and len(set(chosen)) == 4 and {2, 5} <= set(chosen.tolist())
-    few = Patient("q", np.zeros((2, 1, 8, 8), np.float32), masks[[0, 2]])
-    assert len(_slices(few, 4, generator)) == 4  # with replacement only when the patient has too few
-    empty = Patient("r", np.zeros((8, 1, 8, 8), np.float32), np.zeros_like(masks))
-    assert len(set(_slices(empty, 4, generator).tolist())) == 4
+        chosen = _slices(patient("p", masks), 4, generator)
+        assert len(chosen) == 4 and len({k for k, _ in chosen}) == 4
+        assert {(2, 2), (5, 2)} <= set(chosen)  # the lesion's slices, their patches centred on the lesion
+        assert all(focus == 0 for k, focus in chosen if k not in (2, 5))
+    assert len(_slices(patient("q", masks[[0, 2]]), 4, generator)) == 4  # with replacement only when the patient has too few
+    empty = _slices(patient("r", np.zeros_like(masks)), 4, generator)
+    assert len({k for k, _ in empty}) == 4 and {focus for _, focus in empty} == {0}

@@ -131,7 +131,7 @@ def test_orthanc_round_trip_train_from_pacs_predict_and_store_the_seg(tmp_path, 
     _succeeded(fedseg_here("pull", orthanc, str(tmp_path / "hospitals" / "from-pacs"), "--all", cwd=tmp_path))
     again = _succeeded(fedseg_here("pull", orthanc, str(tmp_path / "hospitals" / "from-pacs"), "--all", cwd=tmp_path))
     assert f"0 instances fetched, {len(files)} already" in again.stdout  # the cache is used, nothing fetched twice
-    _fedseg("simulate", "--data-root", str(tmp_path / "hospitals"), "--rounds", "1", "--local-epochs", "1", "--image-size", "32",
+    _fedseg("simulate", "--data-root", str(tmp_path / "hospitals"), "--rounds", "1", "--local-epochs", "1", "--image-size", "32", "--spacing", "8",
             "--batch-size", "8", "--epsilon", "30", "--out", str(tmp_path / "run"), cwd=tmp_path, timeout=600)
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert history["rounds"][1]["sites"]["from-pacs"]["examples"] > 0

@@ -19,7 +19,7 @@ from common.overlays import draw_overlays
 from tests.conftest import CLASSES
 
 CPU = torch.device("cpu")
-PREPROCESSING = Preprocessing.from_config(run_config({"image-size": 64}))
+PREPROCESSING = Preprocessing.from_config(run_config({"image-size": 64, "spacing": 0}))  # whole slices: one 64² model grid
 
 
 class Fixed(torch.nn.Module):
@@ -52,7 +52,7 @@ def _labelled(mask: np.ndarray, spacing: tuple[float, float, float]) -> Labelled
 
 
 def _validated(model: torch.nn.Module, ls: LabelledSeries) -> dict[str, float]:
-    return evaluate(model, SiteData("site", [], [validation_volume(ls, PREPROCESSING)], None), 3, CPU)
+    return evaluate(model, SiteData("site", [], [validation_volume(ls, PREPROCESSING)], None, PREPROCESSING), 3, CPU)
 
 
 def test_a_line_the_model_grid_cannot_hold_is_scored_where_it_is():
@@ -63,7 +63,7 @@ def test_a_line_the_model_grid_cannot_hold_is_scored_where_it_is():
     ls = _labelled(mask, (3.0, 0.8, 0.8))
     image, model_grid_mask = training_slices(ls, PREPROCESSING)
     assert not model_grid_mask.any()  # what the old, model-grid scoring had as the truth
-    on_model_grid = class_metrics(slice_logits(Fixed(), image, CPU).argmax(dim=1).numpy(), model_grid_mask[:, 0], 3, (3.0, 1.6, 1.6))
+    on_model_grid = class_metrics(slice_logits(Fixed(), image, 64, CPU).argmax(dim=1).numpy(), model_grid_mask, 3, (3.0, 1.6, 1.6))
     assert np.isnan(on_model_grid["dice"][0])
     metrics = _validated(Fixed(), ls)
     line, everything = 4 * 128, mask.size
@@ -93,7 +93,7 @@ def test_a_sites_validation_dice_is_the_dice_of_what_predict_writes(tiny_site):
     for volume in data.validation:
         ls = labelled[volume.patient_id]
         assert volume.mask.shape == ls.series.volume.shape != (len(ls.mask), 32, 32) and volume.spacing == ls.series.spacing
-        reported = evaluate(model, SiteData(data.folder, [], [volume], None), 3, CPU)
+        reported = evaluate(model, SiteData(data.folder, [], [volume], None, preprocessing), 3, CPU)
         written = class_metrics(segment_series(model, ls.series, preprocessing, CPU), ls.mask, 3, ls.series.spacing)
         assert reported["dice"] == pytest.approx(foreground_dice(written["dice"]), nan_ok=True)
         for c in (1, 2):

@@ -37,7 +37,7 @@ def _series(volume: np.ndarray, modality: str = "CT") -> Series:
 
 
 def _prepared(series: Series, **config) -> np.ndarray:
-    return prepare_image(series, Preprocessing.from_config(run_config({"image-size": SIZE, **config})))[:, 0]
+    return prepare_image(series, Preprocessing.from_config(run_config({"image-size": SIZE, "spacing": 0, **config})))[:, 0]
 
 
 def test_bone_saturates_under_the_default_window_and_not_under_a_bone_window():
@@ -47,9 +47,17 @@ def test_bone_saturates_under_the_default_window_and_not_under_a_bone_window():
     bone = _prepared(series, **{"ct-window": "-200,1500"})
     assert bone[:, 11, 8] == pytest.approx((BONE + 200) / 1700) and bone[:, 4, 8] == pytest.approx((TISSUE + 200) / 1700)
     assert bone.min() == 0.0 and bone.max() < 1.0  # air clipped, nothing saturated
-    # MR has no absolute scale: each volume's own percentiles, whatever the CT window
+    # MR has no absolute scale: each volume z-scored by its own statistics, whatever the CT window
     mr = _series(_phantom() + 1000.0, modality="MR")
     np.testing.assert_array_equal(_prepared(mr), _prepared(mr, **{"ct-window": "-200,1500"}))
+
+
+def test_an_mr_volume_is_z_scored_by_its_own_statistics():
+    """Mean 0 and deviation 1 over the volume, so another scanner's gain and offset change nothing."""
+    volume = _phantom() + 1000.0
+    prepared = _prepared(_series(volume, modality="MR"))
+    assert prepared.mean() == pytest.approx(0.0, abs=1e-5) and prepared.std() == pytest.approx(1.0, abs=1e-4)
+    np.testing.assert_allclose(_prepared(_series(volume * 3.5 + 200.0, modality="MR")), prepared, atol=1e-5)
 
 
 @pytest.mark.parametrize("bad", ["240,-160", "100,100", "-160", "-160,240,400", "soft,tissue", "nan,240", "-160,inf",
@@ -89,8 +97,8 @@ def test_prediction_prepares_a_series_with_its_checkpoints_window(tmp_path):
     [files] = image_series(tmp_path / "ct", report)
     series = decode_series(files, report)
     masks = {}
-    for name, config in {"bone": run_config({"image-size": SIZE, "ct-window": "-200,1500"}),
-                         "before the option": {k: v for k, v in run_config({"image-size": SIZE}).items() if k != "ct-window"}}.items():
+    for name, config in {"bone": run_config({"image-size": SIZE, "spacing": 0, "ct-window": "-200,1500"}),
+                         "before the option": {k: v for k, v in run_config({"image-size": SIZE, "spacing": 0}).items() if k != "ct-window"}}.items():
         RunRecord(tmp_path / name, config).save_checkpoint(0, to_arrays(build_model(3)), {})
         checkpoint = dataclasses.replace(load_global_model(tmp_path / name), model=Bright())
         prediction, _ = predict_series(checkpoint, series, tmp_path / name / "out" / "P", torch.device("cpu"), nifti=True, png=False)

@@ -44,7 +44,7 @@ def test_update_scale_depends_on_the_patient_bin_not_the_exact_count(tiny_site, 
     for count in (1, 2, 3):
         planned = guard.policy.planned_count(count)
         plan = training.plan_round(settings, planned, guard.policy.delta)
-        training.train_round(build_model(3), patients[:count], settings, plan, 1, torch.device("cpu"))
+        training.train_round(build_model(3), patients[:count], settings, plan, 1, 16, torch.device("cpu"))
     assert scales == [1.0, 1.0, 1.0]  # sampling rate 1 / 2 x the 2 planned patients, not x 1, x 2 and x 3
     # Charged and sampled alike: a rate of the exact count (1 / 3 here) would change the other patients'
     # chance of being sampled when one is added, which the accountant does not cover.

@@ -77,7 +77,8 @@ def test_numbers_read_as_history_number_reads_them():
     assert r.to_json() == {"round": 3, "sites": {}, "dice": None, "duration_s": "inf"}
 
 
-OLD_HISTORY = {  # before 2026-11-23: no checkpoint names, no events, status or wall time (nor, until 11-24, ct-window or class weights)
+OLD_HISTORY = {  # before 2026-11-23: no checkpoint names, no events, status or wall time (nor, until 11-24, ct-window or class
+    # weights; until 12-08, spacing)
     "config": None,
     "rounds": [{"round": 0, "sites": {"site-a": {"val_dice": 0.01}}, "dice": 0.01},
                {"round": 1, "sites": {"site-a": {"val_dice": 0.2, "examples": 40}}, "dice": 0.2},
@@ -87,7 +88,7 @@ OLD_HISTORY = {  # before 2026-11-23: no checkpoint names, no events, status or 
 
 
 def test_an_older_history_loads_and_resume_picks_the_same_round_as_before(tmp_path):
-    config = {**{k: v for k, v in run_config({"min-sites": 1, "num-server-rounds": 4}).items() if k != "ct-window"},
+    config = {**{k: v for k, v in run_config({"min-sites": 1, "num-server-rounds": 4}).items() if k not in ("ct-window", "spacing")},
               "classes": "organ,lesion"}  # before per-class weights: the code weighed organ 2 and lesion 40
     old = {**OLD_HISTORY, "config": config}
     (tmp_path / "history.json").write_text(json.dumps(old))
@@ -102,11 +103,13 @@ def test_an_older_history_loads_and_resume_picks_the_same_round_as_before(tmp_pa
     assert run_status(tmp_path) is None
 
     # A resume that asks for another window (flwr run's config) does not change the run's mid-way.
-    record, checkpoint, done = RunRecord.resume(tmp_path, run_config({"resume": True, "num-server-rounds": 6, "ct-window": "-200,1500"}))
+    record, checkpoint, done = RunRecord.resume(tmp_path, run_config({"resume": True, "num-server-rounds": 6, "ct-window": "-200,1500",
+                                                                      "spacing": 2.0}))
     assert done == before and checkpoint["round"] == before
     assert [record.rounds[n] for n in sorted(record.rounds)] == old["rounds"][:3]  # kept as they were
     assert record.elapsed_before == 0.0 and record.config["num-server-rounds"] == 6
     assert record.config["ct-window"] == "-160,240"  # the window it was trained with, sent to the sites from now on
+    assert record.config["spacing"] == 0.0  # whole slices, as it trained, not the default's 4 mm nor the resume's 2
     assert record.config["classes"] == "organ:2,lesion:40"  # and the class weights (written out since)
     assert record.events[-1]["event"] == "resumed after round 2; round 3 (in flight at the stop) is run again"
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow  # a whole `fedseg` run: not in the fast lane
 def _simulate(tmp_path: Path, *args: str) -> dict:
     run_dir = tmp_path / "run"
     env = {**os.environ, "FEDSEG_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "common.cli", "simulate", "--rounds", "2", "--local-epochs", "2", "--image-size", "32",
+    cmd = [sys.executable, "-m", "common.cli", "simulate", "--rounds", "2", "--local-epochs", "2", "--image-size", "32", "--spacing", "8",
            "--batch-size", "8", "--out", str(run_dir), *args]
     proc = subprocess.run(cmd, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

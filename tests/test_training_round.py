@@ -30,7 +30,7 @@ def test_a_non_private_step_moves_the_weights_at_most_lr_times_the_clipping_norm
         torch.manual_seed(0)
         model = build_model(3)
         before = torch.cat([p.detach().flatten() for p in model.parameters()])
-        training.train_round(model, patients, settings, plan, 1, torch.device("cpu"))
+        training.train_round(model, patients, settings, plan, 1, 16, torch.device("cpu"))
         after = torch.cat([p.detach().flatten() for p in model.parameters()])
         moved[norm] = (float((after - before).norm()), plan.steps)
     distance, steps = moved[1e-3]
@@ -49,7 +49,7 @@ def test_the_loss_weighs_the_classes_as_the_run_config_says(tiny_site, tmp_path,
         settings = TrainSettings.from_config({**config, "server-round": 1})
         patients = guard.data(("background", "organ", "lesion"), Preprocessing.from_config(config)).train
         plan = training.plan_round(settings, guard.policy.planned_count(len(patients)), guard.policy.delta)
-        training.train_round(build_model(3), patients, settings, plan, 1, torch.device("cpu"))
+        training.train_round(build_model(3), patients, settings, plan, 1, 16, torch.device("cpu"))
     assert weights == [[1.0, 3.0, 7.5], [1.0, 1.0, 1.0]]
 
 

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from client.pacs import PACS_PASSWORD_ENV
+from client.site_policy import SitePolicy
 from common.config import RUN_DEFAULTS, class_names
 from common.errors import FedsegError
 
@@ -67,7 +68,7 @@ def _site_init(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise SiteCommandError(f"--classes: {err}") from err
     values = {"epsilon_budget": args.epsilon_budget, "delta": args.delta, "min_noise_multiplier": args.min_noise_multiplier,
-              "classes": classes}
+              "min_spacing_mm": args.min_spacing, "classes": classes}
     site = init_site(root, name, values)
     policy, keys = site.policy, site.keys
     print(f"site {name} set up in {root}:\n  {keys.private_key} stays here (owner-only); send {keys.public_key} to the coordinator\n"
@@ -114,7 +115,7 @@ def _site(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     from client.audit import audit_table
     from client.privacy_ledger import LedgerError, PrivacyLedger
-    from client.site_policy import PolicyError, SitePolicy
+    from client.site_policy import PolicyError
     from client.site_state import SiteState
 
     state = SiteState(Path(args.site_dir))
@@ -184,6 +185,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="the most patient-level ε this site will ever spend, over all runs")
     init.add_argument("--delta", type=float, default=RUN_DEFAULTS["delta"], help="the site's δ (below 1 / patients)")
     init.add_argument("--min-noise-multiplier", type=float, default=0.5, help="no round trains with less DP noise")
+    init.add_argument("--min-spacing", type=float, default=SitePolicy.min_spacing_mm, metavar="MM",
+                      help="the finest in-plane pixel spacing a run may ask (the site's images take memory as its inverse square)")
     init.add_argument("--classes", default=",".join(class_names(RUN_DEFAULTS)[1:]), help="the classes runs may ask this site to segment")
     init.set_defaults(func=_site_init)
 

@@ -44,12 +44,12 @@ REFUSALS = {
     "non_private_not_allowed": "the run asks to train without DP; the site policy does not allow it",
     "noise_below_policy": "the run's noise multiplier is below the site policy's minimum",
     "rounds_over_policy": "the run has more rounds than the site policy allows per run",
+    "spacing_below_policy": "the run asks for a finer pixel spacing than the site policy allows",
     "budget_exhausted": "training would take the site past its ε budget",
     "validation_limit": "validation not allowed now (once per trained round; weights not trained here: a few a day)",
     "data_unusable": "the site's data could not be loaded for this request (detail in the site's log)",
     "internal_error": "the site failed (detail in the site's log)",
 }
-IMAGE_SIZES = range(16, 513)
 RUN_ID = re.compile(r"[\w.-]{1,128}")
 # What a request may ask at all, whatever the policy: anything else is a malformed request (NaN, ∞
 # where not meant, absurd sizes that would hang the accountant or burn budget for nothing).
@@ -132,14 +132,17 @@ class SiteGuard:
         try:
             train = TrainSettings.from_config({**settings, "server-round": server_round})
             classes = tuple(class_names(settings))
-            preprocessing = Preprocessing.from_config(settings)  # the CT window is range-checked here
+            preprocessing = Preprocessing.from_config(settings)  # the CT window, spacing and patch size are range-checked here
         except (KeyError, TypeError, ValueError) as err:
             raise Refusal("bad_request") from err
         in_range = all(lo <= getattr(train, name) <= hi for name, (lo, hi) in RANGES.items())
         target_ok = train.target_epsilon == math.inf or 0.05 <= train.target_epsilon <= 100
-        if (not in_range or not target_ok or preprocessing.image_size not in IMAGE_SIZES or server_round < 0 or len(classes) < 2
-                or len(set(classes)) != len(classes)):
+        if not in_range or not target_ok or server_round < 0 or len(classes) < 2 or len(set(classes)) != len(classes):
             raise Refusal("bad_request")
+        # From the request and the policy alone: a refusal that depended on the data (how large the
+        # site's images would grow) would tell the coordinator about them.
+        if 0 < preprocessing.spacing < self.policy.min_spacing_mm:
+            raise Refusal("spacing_below_policy")
         if not set(classes[1:]) <= set(self.policy.classes):
             raise Refusal("class_not_in_policy")
         if not 0 < train.delta <= self.policy.delta:

@@ -63,9 +63,9 @@ def write_nifti(series: Series, mask: np.ndarray, path: Path) -> Path:
     return path
 
 
-def write_quick_look(series: Series, mask: np.ndarray, names: list[str], path: Path, ct_window: tuple[float, float],
+def write_quick_look(series: Series, mask: np.ndarray, names: list[str], path: Path, preprocessing: Preprocessing,
                      slices: int = 8) -> Path:
-    image = normalise(series.volume, series.modality, ct_window)  # as the model saw it
+    image = normalise(series.volume, series.modality, preprocessing)  # as the model saw it
     panels = [(image[k], mask[k], f"slice {k + 1}/{len(mask)}") for k in most_labelled_slices(mask, slices)]
     return draw_overlays(panels, names, path, f"patient {series.patient_id} - {series.modality} series ...{series.uid[-12:]}")
 
@@ -86,7 +86,7 @@ def predict_series(global_model: GlobalModel, series: Series, stem: Path, device
     write_seg([read_dicom(p) for p in series.paths], mask, names, seg, algorithm=algorithm(global_model), codings=global_model.class_codes)
     prediction = Prediction(series.patient_id, series.uid, len(mask), seg,
                             write_nifti(series, mask, stem.with_name(f"{stem.name}.nii.gz")) if nifti else None,
-                            write_quick_look(series, mask, names, stem.with_name(f"{stem.name}.png"), preprocessing.ct_window) if png else None)
+                            write_quick_look(series, mask, names, stem.with_name(f"{stem.name}.png"), preprocessing) if png else None)
     return prediction, ", ".join(f"{names[c]} {int((mask == c).sum())} px" for c in range(1, len(names)))
 
 
@@ -111,7 +111,11 @@ def predict_folder(global_model: GlobalModel, source: Path, out: Path, device: t
         except UnsafePath as err:
             report.skip(f"a series of {len(series.paths)} files under {series.paths[0].parent}", str(err))
         else:
-            prediction, share = predict_series(global_model, series, stem, device, nifti, png)
+            try:
+                prediction, share = predict_series(global_model, series, stem, device, nifti, png)
+            except ValueError as err:  # the checkpoint's preprocessing does not fit this series (`check_growth`)
+                report.skip(f"series {series.uid}", str(err))
+                continue
             results.append(prediction)
             log.info("[%d/%d] patient %s: %d slices -> %s (%s); %.1f s so far", done, len(found), series.patient_id,
                      prediction.slices, prediction.seg, share, time.time() - started)

@@ -25,6 +25,7 @@ class SitePolicy:
     allow_non_private: bool = False  # ε = ∞ baselines only on synthetic/research data
     max_rounds_per_run: int = 100
     slices_per_patient: int = 4  # each sampled patient contributes this many of its slices
+    min_spacing_mm: float = 1.0  # the finest in-plane pixel spacing a run may ask (0, whole slices, always allowed): memory grows as its inverse square
     classes: tuple[str, ...] = ("organ", "lesion")  # what runs may ask to segment
     validation_fraction: float = 0.25
     validation_key: str = ""  # secret: which patients validate (hex); made at creation
@@ -43,6 +44,7 @@ class SitePolicy:
             "min_noise_multiplier must be >= 0": self.min_noise_multiplier >= 0,
             "max_rounds_per_run must be >= 1": self.max_rounds_per_run >= 1,
             "slices_per_patient must be >= 1": self.slices_per_patient >= 1,
+            "min_spacing_mm must be >= 0": self.min_spacing_mm >= 0,
             "classes must name at least one class": bool(self.classes),
             "validation_fraction must be in [0, 1)": 0 <= self.validation_fraction < 1,
             "validations_per_round must be >= 1": self.validations_per_round >= 1,

@@ -31,6 +31,8 @@ class Option:
     resumable: bool = False
 
 
+IMAGE_SIZES = (16, 512)  # pixels a patch side may be
+MR_INTENSITY = ("z-score", "percentiles")  # how an MR volume is normalised: by its own mean and sd, or 1st-99th percentiles
 SPACING_BOUNDS = (0.25, 20.0)  # mm a pixel may be at the model (besides 0): finer needs GBs for a CT, coarser loses organs
 HU_BOUNDS = (-2048.0, 4096.0)  # what a CT window may span: the lung window reaches -1350 HU, bone +1500 and more
 CLASS_WEIGHTS = (0.001, 1000.0)  # what a class's loss weight may be: a smaller one is 0 in a float32 loss, or near it
@@ -59,6 +61,9 @@ OPTIONS: dict[str, Option] = {
     "spacing": Option(4.0, "in-plane pixel spacing in mm the model works at: each slice is resampled to it (0: each slice "
                       "is resampled whole to --image-size, whatever its field of view; default %(default)s)",
                       flag="spacing", metavar="MM", to_sites=True),
+    # MR has no absolute intensity scale: each volume is normalised by its own statistics. Recorded so a
+    # model trained before z-scoring (its 1st-99th percentiles: a config without the key) is prepared as it was.
+    "mr-intensity": Option("z-score", choices=MR_INTENSITY, to_sites=True),
     "image-size": Option(64, "side in pixels of the patches the model trains on (crops of the resampled slices) and slides "
                          "over a slice in prediction (default %(default)s)", flag="image-size", to_sites=True),
     # Chosen by the coordinator for the task (the default: abdominal soft tissue; bone: -200,1500), the
@@ -69,7 +74,7 @@ OPTIONS: dict[str, Option] = {
     # The loss weight of each class is the task's, chosen by the coordinator: the same for every patient
     # and independent of the data, it costs no privacy. Unweighted, the small lesion was never learned;
     # weighted, grey matter was lost to white matter (README).
-    "classes": Option("organ:2,lesion:40", "foreground classes, matched to SEG segment labels, each with an optional "
+    "classes": Option("organ:1,lesion:10", "foreground classes, matched to SEG segment labels, each with an optional "
                       "loss weight NAME:WEIGHT (1 when not given, as background's; default %(default)s)",
                       flag="classes", metavar="NAME[:WEIGHT],...", to_sites=True),
     "val-fraction": Option(0.25, to_sites=True),

@@ -33,9 +33,10 @@ from monai.transforms import (
     RandShiftIntensityd,
     Resize,
     ScaleIntensityRange,
+    ScaleIntensityRangePercentiles,
 )
 
-from common.config import RUN_DEFAULTS, parse_ct_window, parse_spacing
+from common.config import IMAGE_SIZES, MR_INTENSITY, RUN_DEFAULTS, parse_ct_window, parse_spacing
 from common.dicom_io import LabelledSeries, LoadReport, Series, load_site_series
 
 
@@ -47,20 +48,25 @@ class Preprocessing:
     image_size: int  # the patch side in pixels
     ct_window: tuple[float, float]  # HU mapped to [0, 1]
     spacing: float  # mm per pixel at the model; 0: each slice resampled whole to image_size
+    mr_intensity: str = "z-score"  # MR_INTENSITY
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Preprocessing:
         """From a run config (as sent to a site, or saved in a checkpoint). One without `ct-window` is
         from before the option, when every CT was windowed at its default; one without `spacing`, when
-        every slice was resampled whole to the image size. A bad value is a ValueError."""
-        return cls(int(config["image-size"]), parse_ct_window(config.get("ct-window", RUN_DEFAULTS["ct-window"])),
-                   parse_spacing(config.get("spacing", 0.0)))
+        every slice was resampled whole to the image size; one without `mr-intensity`, when MR was scaled
+        by its percentiles. A bad value is a ValueError."""
+        size, mr = int(config["image-size"]), config.get("mr-intensity", "percentiles")
+        if not IMAGE_SIZES[0] <= size <= IMAGE_SIZES[1] or mr not in MR_INTENSITY:
+            raise ValueError(f"image-size must be {IMAGE_SIZES[0]} to {IMAGE_SIZES[1]} px and mr-intensity one of {MR_INTENSITY}, "
+                             f"got {config['image-size']!r} and {mr!r}")
+        return cls(size, parse_ct_window(config.get("ct-window", RUN_DEFAULTS["ct-window"])), parse_spacing(config.get("spacing", 0.0)), mr)
 
     def grid(self, series: Series) -> tuple[int, int]:
         """(rows, cols) of the series' slices at the model: at `spacing`, or the image size. Past MAX_GRID
         pixels a side, a ValueError."""
         if not self.spacing:
-            return self.image_size, self.image_size
+            return self.image_size, self.image_size  # IMAGE_SIZES bounds it
         rows, cols = series.volume.shape[1:]
         grid = tuple(max(1, round(n * mm / self.spacing)) for n, mm in zip((rows, cols), series.spacing[1:]))
         if max(grid) > MAX_GRID:
@@ -69,21 +75,21 @@ class Preprocessing:
         return grid
 
 
-def check_growth(series: Sequence[Series], preprocessing: Preprocessing) -> None:
+def check_growth(series: Series, preprocessing: Preprocessing) -> None:
     """A ValueError, before anything is resampled, when the series prepared would take more than
-    MAX_GROWTH times their own pixels (or MIN_BUDGET_PIXELS, when more): a fine spacing adds no detail
-    a scanner did not record, and a coordinator must not be able to make a site hold many times its
-    images in memory (upsampling a coarse series to a run's spacing stays possible)."""
-    own = sum(s.volume.size for s in series)
-    prepared = sum(len(s.volume) * math.prod(preprocessing.grid(s)) for s in series)
-    if prepared > max(MAX_GROWTH * own, MIN_BUDGET_PIXELS):
-        raise ValueError(f"{len(series)} series of {own} pixels would take {prepared} at {preprocessing.spacing:g} mm spacing: "
-                         f"more than {MAX_GROWTH}x their own (or {MIN_BUDGET_PIXELS})")
+    MAX_GROWTH times its own pixels (or MIN_BUDGET_PIXELS, when more): what `fedseg predict` checks of a
+    checkpoint's preprocessing, so a global model cannot make it hold many times a series in memory.
+    (A site guard refuses a fine spacing by its policy instead: a refusal that depended on the data
+    would tell a coordinator about it.)"""
+    prepared = len(series.volume) * math.prod(preprocessing.grid(series))
+    if prepared > max(MAX_GROWTH * series.volume.size, MIN_BUDGET_PIXELS):
+        raise ValueError(f"series {series.uid} of {series.volume.size} pixels would take {prepared} at {preprocessing.spacing:g} mm "
+                         f"spacing: more than {MAX_GROWTH}x its own (or {MIN_BUDGET_PIXELS})")
 
 
 MAX_GRID = 2048  # pixels a side of a resampled slice (a float32 slice of 16 MB)
-MAX_GROWTH = 4  # times a site's own pixels its prepared images may take, at most ...
-MIN_BUDGET_PIXELS = 2**26  # ... or this many (256 MB of float32), so a small or coarse site may be upsampled
+MAX_GROWTH = 4  # times a series' own pixels predict lets its prepared image take, at most ...
+MIN_BUDGET_PIXELS = 2**26  # ... or this many (256 MB of float32), so a small or coarse series may be upsampled
 
 
 @dataclass
@@ -120,20 +126,24 @@ class SiteData:
         return sum(len(p.images) for p in self.train)
 
 
-def normalise(volume: np.ndarray, modality: str, ct_window: tuple[float, float]) -> np.ndarray:
-    """CT through `ct_window` (HU) to [0, 1]; anything else z-scored by its own mean and deviation
-    (nnU-Net's rule for MR: the volume's own statistics, no other patient's)."""
+def normalise(volume: np.ndarray, modality: str, preprocessing: Preprocessing) -> np.ndarray:
+    """CT through the run's HU window to [0, 1]; anything else by the volume's own statistics: z-scored
+    (nnU-Net's rule for MR), or its 1st-99th percentiles to [0, 1] (models from before). Never another
+    patient's statistic."""
     if modality == "CT":
-        scale = ScaleIntensityRange(a_min=ct_window[0], a_max=ct_window[1], b_min=0.0, b_max=1.0, clip=True)
-    else:
+        low, high = preprocessing.ct_window
+        scale = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
+    elif preprocessing.mr_intensity == "z-score":
         scale = NormalizeIntensity()
+    else:
+        scale = ScaleIntensityRangePercentiles(lower=1, upper=99, b_min=0.0, b_max=1.0, clip=True)
     return np.asarray(scale(volume.astype(np.float32)), dtype=np.float32)
 
 
 def prepare_image(series: Series, preprocessing: Preprocessing) -> np.ndarray:
     """What the model sees of a series, in training and in prediction alike: windowed/normalised,
     each slice resampled to the model's grid (`Preprocessing.grid`). [slices, 1, H, W] float32."""
-    image = Resize(preprocessing.grid(series), mode="bilinear", anti_aliasing=True)(normalise(series.volume, series.modality, preprocessing.ct_window))
+    image = Resize(preprocessing.grid(series), mode="bilinear", anti_aliasing=True)(normalise(series.volume, series.modality, preprocessing))
     return np.asarray(image, dtype=np.float32)[:, None]
 
 
@@ -164,12 +174,11 @@ def split_patients(patients: Sequence[str], val_fraction: float, key: bytes) -> 
     return sorted(set(unique) - set(val)), sorted(val)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=2)  # a run needs one; each kept copy is the site's data at some spacing, in memory
 def load_site(folder: str, class_names: tuple[str, ...], preprocessing: Preprocessing, val_fraction: float,
               split_key: bytes = b"") -> SiteData:
     """Load once per process (the site guard keeps it warm)."""
     labelled, report = load_site_series(Path(folder), class_names)
-    check_growth([ls.series for ls in labelled], preprocessing)
     train_ids, val_ids = split_patients([ls.series.patient_id for ls in labelled], val_fraction, split_key)
     train: list[Patient] = []
     for pid in train_ids:

@@ -7,9 +7,10 @@ Why class weights: every patient's gradient is clipped to the same norm, so what
 of that gradient that points at each class. Unweighted Dice+CE spends it on background and the large
 organ, and under DP noise the small lesion was never learned (Dice 0.00 at every site). The weights
 are the task's, from the run config (`classes`: NAME:WEIGHT), the same for every patient: no
-statistic of any patient enters, so they cost no privacy. They must fit the task: organ 2, lesion 40
-learned the built-in lesion (the default), while the same rule on grey/white matter (2 / 40) lost
-grey matter entirely (README).
+statistic of any patient enters, so they cost no privacy. They must fit the task and the sampling:
+with patches centred on the lesion for half a patient's slices, organ 1 / lesion 10 (the default)
+learned the built-in lesion at every seed; lesion 3 never on two seeds of three, organ 2 / lesion 40
+over-segmented both (README, results/patches-2026-12-08/).
 """
 
 from __future__ import annotations

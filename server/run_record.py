@@ -324,8 +324,8 @@ class RunRecord:
         """The record of an interrupted run, cut back to its last completed round, and that round's
         checkpoint. Only `config`'s RESUMABLE keys override the run's own configuration; keys the run
         predates take what the run used (not `config`'s: a resume asking for another value must not
-        change it mid-run): `ct-window` its default, `spacing` 0 (whole slices), class weights
-        `weighted_as_it_ran`."""
+        change it mid-run): `ct-window` its default, `spacing` 0 (whole slices), `mr-intensity`
+        percentiles, class weights `weighted_as_it_ran`."""
         from common.config import RESUMABLE, RUN_DEFAULTS
 
         run_dir = Path(run_dir)
@@ -339,7 +339,8 @@ class RunRecord:
         last = completed.round
         checkpoint = torch.load(run_dir / "checkpoints" / f"global_model-round{last:03d}.pt", weights_only=True)
         saved = {**history.config, "classes": weighted_as_it_ran(str(history.config.get("classes", RUN_DEFAULTS["classes"]))),
-                 "spacing": history.config.get("spacing", 0.0)}  # before `spacing`, slices were resampled whole (0)
+                 "spacing": history.config.get("spacing", 0.0),  # before `spacing`, slices were resampled whole (0)
+                 "mr-intensity": history.config.get("mr-intensity", "percentiles")}
         record = cls(run_dir, {**RUN_DEFAULTS, **saved, **{k: config[k] for k in RESUMABLE if k in config}})
         record.rounds = {r.round: r.to_json() for r in history.rounds if r.round <= last}
         record.site_nodes = dict(history.site_nodes)

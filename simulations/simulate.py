@@ -19,6 +19,7 @@ from typing import Any
 import tomli_w
 
 from client.guard import SiteGuard, budget_line, open_guard
+from client.site_policy import SitePolicy
 from client.site_state import SiteState
 from common.config import class_names
 from common.errors import FedsegError
@@ -36,6 +37,7 @@ def site_policy_for(overrides: dict[str, Any], epsilon_budget: float) -> dict[st
     return {"epsilon_budget": epsilon_budget, "delta": float(overrides["delta"]), "min_noise_multiplier": 0.0,
             "allow_non_private": not private, "max_rounds_per_run": max(100, int(overrides["num-server-rounds"])),
             "validations_per_day": 10_000,  # a researcher's repeated runs on the same sites: every round validates
+            "min_spacing_mm": min(SitePolicy.min_spacing_mm, float(overrides["spacing"]) or math.inf),
             "classes": tuple(class_names(overrides)[1:])}
 
 

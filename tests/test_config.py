@@ -64,7 +64,7 @@ def test_class_names_put_background_first():
 def test_each_class_carries_its_loss_weight_to_the_sites():
     """The weights are the task's (the coordinator's `classes`), not a rule on the list's order: a
     class without one weighs 1, as background does, so another task's classes start unweighted."""
-    assert class_weights(RUN_DEFAULTS) == [1.0, 2.0, 40.0] and class_names(RUN_DEFAULTS) == ["background", "organ", "lesion"]
+    assert class_weights(RUN_DEFAULTS) == [1.0, 1.0, 10.0] and class_names(RUN_DEFAULTS) == ["background", "organ", "lesion"]
     assert class_weights({"classes": "grey-matter,white-matter"}) == [1.0, 1.0, 1.0]
     sent = {k: run_config({"classes": "liver:3, tumour : 12.5"})[k] for k in SITE_KEYS}
     assert TrainSettings.from_config({**sent, "server-round": 1}).class_weights == [1.0, 3.0, 12.5]

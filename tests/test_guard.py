@@ -174,7 +174,8 @@ def test_hostile_requests_are_refused_with_codes_and_spend_nothing(tiny_site, tm
     assert [e["code"] for e in guard.ledger.entries if e["kind"] == "refusal"][-3:] == ["validation_limit"] * 3
     # values no run needs, which would hang the accountant or burn budget for nothing
     for absurd in ({"noise-multiplier": float("nan")}, {"noise-multiplier": 1e6}, {"target-epsilon": -1.0},
-                   {"target-epsilon": 1e-9}, {"batch-size": 0}, {"max-grad-norm": 0.0}, {"local-epochs": 10**6}):
+                   {"target-epsilon": 1e-9}, {"batch-size": 0}, {"max-grad-norm": 0.0}, {"local-epochs": 10**6},
+                   {"image-size": 8}, {"image-size": 100_000}):
         reply = _call(guard, MessageType.TRAIN, 1, **absurd)
         assert reply.content["site"]["reason"] == "bad_request", absurd
     assert guard.spent() == 0.0
@@ -202,18 +203,21 @@ def test_the_ct_window_and_class_weights_come_with_the_rounds_config_and_a_bad_o
     monkeypatch.setattr(guard_module, "load_site", lambda folder, classes, preprocessing, *rest:
                         used.append(preprocessing) or real_load(folder, classes, preprocessing, *rest))
     assert _call(guard, MessageType.EVALUATE, 0, **{"ct-window": "-200,1500"}).content["site"]["status"] == "ok"
-    assert used == [Preprocessing(32, (-200.0, 1500.0), 4.0)]
+    assert used == [Preprocessing(32, (-200.0, 1500.0), 4.0, "z-score")]
     weights = model_arrays(build_model(3))
-    older = {k: v for k, v in _request(0).items() if k not in ("ct-window", "spacing")}  # a server from before the options
+    older = {k: v for k, v in _request(0).items() if k not in ("ct-window", "spacing", "mr-intensity")}  # a server from before the options
     reply, _ = guard.handle({"op": "validate", "run": "older", "round": 0, "settings": older}, weights)
-    assert reply["status"] == "ok" and used[-1] == Preprocessing(32, (-160.0, 240.0), 0.0)
+    assert reply["status"] == "ok" and used[-1] == Preprocessing(32, (-160.0, 240.0), 0.0, "percentiles")
     for bad in ("1500,-200", "-160", "nan,240", "-160,1e9", 240.0, [-160, 240]):
         reply, out = guard.handle({"op": "validate", "run": "bad", "round": 0, "settings": {**_request(0), "ct-window": bad}}, weights)
         assert (reply["status"], reply["code"], out) == ("refused", "bad_request", {}), bad
-    for bad in (-1.0, 0.1, 25.0, "nan", "4 mm"):  # a spacing outside 0.25-20 mm (or 0)
+    for bad in (-1.0, 0.1, 25.0, "nan", "4 mm"):  # a spacing outside 0.25-20 mm (or 0), whatever the policy
         reply, out = guard.handle({"op": "validate", "run": "bad", "round": 0, "settings": {**_request(0), "spacing": bad}}, weights)
         assert (reply["status"], reply["code"], out) == ("refused", "bad_request", {}), bad
-    assert len(used) == 2  # a refused window or spacing never reached the data
+    for bad in ("histogram", 1, None):  # MR's normalisation: one of the two rules
+        reply, out = guard.handle({"op": "validate", "run": "bad", "round": 0, "settings": {**_request(0), "mr-intensity": bad}}, weights)
+        assert (reply["status"], reply["code"], out) == ("refused", "bad_request", {}), bad
+    assert len(used) == 2  # a refused window, spacing or MR rule never reached the data
     for bad in ("organ:1e9,lesion", "organ:nan,lesion", "organ:0,lesion", "organ:-2,lesion", "organ,lesion:x"):  # class weights
         for op in ("train", "validate"):
             reply, out = guard.handle({"op": op, "run": "bad", "round": 1, "settings": {**_request(1), "classes": bad}}, weights)
@@ -293,23 +297,25 @@ def test_a_load_error_leaves_as_a_code_without_patient_identifiers(tiny_site, tm
     assert not any(pid in kept for pid in patient_ids) and str(broken) not in kept and "site-01" not in kept
 
 
-def test_a_spacing_that_would_blow_a_sites_images_up_is_refused_before_any_is_allocated(tiny_site, tmp_path, monkeypatch):
-    """A hostile coordinator asks for 0.25 mm pixels: the tiny site's ~9 mm series would take ~1400x
-    their own memory. The site refuses it as unusable data, resamples nothing, spends nothing, and
-    trains at 8 mm next."""
-    import common.dataset
+def test_a_spacing_finer_than_the_policy_allows_is_refused_before_the_data_is_touched(tiny_site, tmp_path, monkeypatch):
+    """A hostile coordinator asks for 0.25 mm pixels (the tiny site's ~9 mm series ~1400x in memory).
+    The site refuses it by its policy (`min_spacing_mm`), from the request alone, so the refusal says
+    nothing of its data: nothing is loaded, nothing spent; 8 mm trains next."""
+    import client.guard
 
-    monkeypatch.setattr(common.dataset, "MIN_BUDGET_PIXELS", 0)  # the site as if large: only the 4x rule
-    resized = []
-    real_resize = common.dataset.Resize
-    monkeypatch.setattr(common.dataset, "Resize", lambda size, **kw: resized.append(size) or real_resize(size, **kw))
+    loads = []
+    real_load = client.guard.load_site
+    monkeypatch.setattr(client.guard, "load_site", lambda *args: loads.append(args[2]) or real_load(*args))
     guard = _guard(tmp_path, tiny_site)
     for kind in (MessageType.TRAIN, MessageType.EVALUATE):
-        reply = _call(guard, kind, 1, spacing=0.25)
-        assert (reply.content["site"]["status"], reply.content["site"]["reason"]) == ("refused", "data_unusable"), kind
-    assert resized == [] and guard.spent() == 0.0
+        for spacing in (0.25, 0.99):
+            reply = _call(guard, kind, 1, spacing=spacing)
+            assert (reply.content["site"]["status"], reply.content["site"]["reason"]) == ("refused", "spacing_below_policy"), kind
+    assert loads == [] and guard.spent() == 0.0
     assert _call(guard, MessageType.TRAIN, 1, spacing=8.0).content["site"]["status"] == "ok"
-    assert resized and max(max(size) for size in resized) < 100 and guard.spent() > 0
+    assert [p.spacing for p in loads] == [8.0] and guard.spent() > 0
+    finer = _guard(tmp_path / "finer", tiny_site, min_spacing_mm=0.25)  # a site that allows it, by its own policy
+    assert _call(finer, MessageType.EVALUATE, 0, spacing=0.25).content["site"]["status"] == "ok"
 
 
 def test_audit_log_names_exactly_the_arrays_the_server_received(tiny_site, tmp_path, fedseg_here):

@@ -45,6 +45,14 @@ class _Sizes(torch.nn.Module):
         return torch.cat([torch.full_like(x, 0.5), x, 1 - x], dim=1)
 
 
+def _mean_model() -> torch.nn.Module:
+    """Class scores from the 5x5 mean around each pixel (zero-padded at its input's border)."""
+    torch.manual_seed(5)
+    mean = torch.nn.Conv2d(1, 1, 5, padding=2, bias=False)
+    torch.nn.init.constant_(mean.weight, 1 / 25)
+    return torch.nn.Sequential(mean, torch.nn.Conv2d(1, 3, 1))
+
+
 def _one_by_one(model: torch.nn.Module, image: np.ndarray) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([model(torch.as_tensor(image[k:k + 1])) for k in range(len(image))])
@@ -95,12 +103,39 @@ def test_a_slice_larger_than_a_patch_is_scored_in_patch_sized_windows_that_cover
     torch.testing.assert_close(logits, whole, rtol=1e-4, atol=1e-5)
 
 
+def test_overlapping_windows_are_blended_with_gaussian_weights_and_edges_padded_by_replication():
+    """A model that sees its neighbourhood (a 5x5 mean): inside, each window's scores differ at its
+    borders (zero padding inside the model), so the blend is what MONAI's Gaussian weighting makes of
+    them; at the slice's edges, what replication padding makes. Its own sliding window, computed here
+    from the windows MONAI's helpers place, must agree."""
+    from monai.data.utils import compute_importance_map, dense_patch_slices, get_valid_patch_size
+
+    model = _mean_model()
+    image = np.random.default_rng(4).random((1, 1, 40, 28), dtype=np.float32)
+    got = slice_logits(model, image, 16, torch.device("cpu"))
+    roi = get_valid_patch_size((40, 28), (16, 16))
+    weight = compute_importance_map(roi, mode="gaussian", sigma_scale=0.125)
+    total, norm = torch.zeros(1, 3, 40, 28), torch.zeros(1, 1, 40, 28)
+    with torch.no_grad():
+        for rows, cols in dense_patch_slices((40, 28), roi, (12, 12)):
+            window = torch.as_tensor(image)[..., rows, cols]
+            total[..., rows, cols] += model(window) * weight
+            norm[..., rows, cols] += weight
+    torch.testing.assert_close(got, total / norm, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, model(torch.as_tensor(image)).detach(), atol=1e-3)  # windows, not the whole slice at once
+
+
 def test_a_slice_smaller_than_a_patch_is_padded_by_its_edge_and_cropped_back():
     image = np.random.default_rng(3).random((2, 1, 10, 12), dtype=np.float32)
     model = _Sizes()
     logits = slice_logits(model, image, 16, torch.device("cpu"))
     assert logits.shape == (2, 3, 10, 12) and set(model.shapes) == {(16, 16)}
     torch.testing.assert_close(logits[:, 1], torch.as_tensor(image[:, 0]), rtol=1e-4, atol=1e-5)
+    mean = _mean_model()  # at the edges, the padding shows: the slice's own edge pixels, repeated, as training pads
+    replicated = torch.nn.functional.pad(torch.as_tensor(image), (2, 2, 3, 3), mode="replicate")
+    with torch.no_grad():
+        expected = mean(replicated)[..., 3:13, 2:14]
+    torch.testing.assert_close(slice_logits(mean, image, 16, torch.device("cpu")), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_the_model_grid_is_the_series_at_the_runs_spacing_whatever_its_matrix():
@@ -115,13 +150,13 @@ def test_the_model_grid_is_the_series_at_the_runs_spacing_whatever_its_matrix():
         Preprocessing.from_config(run_config({"spacing": 0.25})).grid(_series(np.zeros((1, 1200, 1200), np.float32), 0.5))
 
 
-def test_a_site_may_be_upsampled_to_the_runs_spacing_but_not_made_to_hold_many_times_its_images():
-    coarse = [_series(np.zeros((8, 40, 40), np.float32), 9.4)] * 5  # the tiny built-in site: 94² at 4 mm
-    check_growth(coarse, Preprocessing.from_config(run_config({"spacing": 4.0})))  # 5.5x, within the small-site floor
-    ct = [_series(np.zeros((100, 512, 512), np.float32), 0.7)] * 20  # a real site's CTs
+def test_predict_upsamples_a_series_to_its_checkpoints_spacing_but_not_to_many_times_its_pixels():
+    coarse = _series(np.zeros((8, 40, 40), np.float32), 9.4)  # the tiny built-in CT: 94² at 4 mm, 5.5x, within the floor
+    check_growth(coarse, Preprocessing.from_config(run_config({"spacing": 4.0})))
+    ct = _series(np.zeros((500, 512, 512), np.float32), 0.7)
     check_growth(ct, Preprocessing.from_config(run_config({"spacing": 0.4})))  # 3.1x its pixels: allowed
-    with pytest.raises(ValueError, match="more than 4x their own"):
-        check_growth(ct, Preprocessing.from_config(run_config({"spacing": 0.3})))  # 5.4x: ~11 GB more, refused
+    with pytest.raises(ValueError, match="more than 4x its own"):  # a hostile checkpoint's 0.3 mm: 5.4x, ~2.8 GB more, refused
+        segment_series(build_model(3), ct, Preprocessing.from_config(run_config({"spacing": 0.3})), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("bad", [-1, 0.1, 20.5, "nan", "inf"])

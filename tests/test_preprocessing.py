@@ -58,6 +58,10 @@ def test_an_mr_volume_is_z_scored_by_its_own_statistics():
     prepared = _prepared(_series(volume, modality="MR"))
     assert prepared.mean() == pytest.approx(0.0, abs=1e-5) and prepared.std() == pytest.approx(1.0, abs=1e-4)
     np.testing.assert_allclose(_prepared(_series(volume * 3.5 + 200.0, modality="MR")), prepared, atol=1e-5)
+    # A model from before z-scoring (its config has no `mr-intensity`) is given MR as it was trained: percentiles to [0, 1].
+    before = {k: v for k, v in run_config({"image-size": SIZE, "spacing": 0}).items() if k != "mr-intensity"}
+    old = prepare_image(_series(volume, modality="MR"), Preprocessing.from_config(before))[:, 0]
+    assert old.min() == 0.0 and old.max() == 1.0 and old.std() != pytest.approx(1.0, abs=0.05)
 
 
 @pytest.mark.parametrize("bad", ["240,-160", "100,100", "-160", "-160,240,400", "soft,tissue", "nan,240", "-160,inf",
@@ -85,8 +89,8 @@ def test_the_window_is_a_run_and_simulate_flag_sent_to_the_sites():
 
 
 def test_prediction_prepares_a_series_with_its_checkpoints_window(tmp_path):
-    """A bone model's checkpoint predicts through the bone window; one written before the option
-    existed through the default window, as it was trained."""
+    """A bone model's checkpoint predicts through the bone window; one written before the options
+    existed through the default window and on whole slices, as it was trained."""
 
     class Bright(torch.nn.Module):  # class 1 wherever the prepared image is above 0.5: what the model saw
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,11 +102,12 @@ def test_prediction_prepares_a_series_with_its_checkpoints_window(tmp_path):
     series = decode_series(files, report)
     masks = {}
     for name, config in {"bone": run_config({"image-size": SIZE, "spacing": 0, "ct-window": "-200,1500"}),
-                         "before the option": {k: v for k, v in run_config({"image-size": SIZE, "spacing": 0}).items() if k != "ct-window"}}.items():
+                         "before the options": {k: v for k, v in run_config({"image-size": SIZE}).items() if k not in ("ct-window", "spacing")}}.items():
         RunRecord(tmp_path / name, config).save_checkpoint(0, to_arrays(build_model(3)), {})
         checkpoint = dataclasses.replace(load_global_model(tmp_path / name), model=Bright())
         prediction, _ = predict_series(checkpoint, series, tmp_path / name / "out" / "P", torch.device("cpu"), nifti=True, png=False)
         masks[name] = read_nifti_mask(prediction.nifti, series)
     tissue, bone = (slice(None), slice(3, 7), slice(3, 13)), (slice(None), slice(10, 14), slice(3, 13))
     assert (masks["bone"][bone] == 1).all() and (masks["bone"][tissue] == 0).all()  # bone apart from tissue
-    assert (masks["before the option"][bone] == 1).all() and (masks["before the option"][tissue] == 1).all()  # both saturate alike
+    assert (masks["before the options"][bone] == 1).all() and (masks["before the options"][tissue] == 1).all()  # both saturate alike
+    # (and on the whole 16² slice, as before `spacing`: at its default 4 mm, the 1 mm blocks would blur into 4x4 pixels)

@@ -88,7 +88,7 @@ OLD_HISTORY = {  # before 2026-11-23: no checkpoint names, no events, status or 
 
 
 def test_an_older_history_loads_and_resume_picks_the_same_round_as_before(tmp_path):
-    config = {**{k: v for k, v in run_config({"min-sites": 1, "num-server-rounds": 4}).items() if k not in ("ct-window", "spacing")},
+    config = {**{k: v for k, v in run_config({"min-sites": 1, "num-server-rounds": 4}).items() if k not in ("ct-window", "spacing", "mr-intensity")},
               "classes": "organ,lesion"}  # before per-class weights: the code weighed organ 2 and lesion 40
     old = {**OLD_HISTORY, "config": config}
     (tmp_path / "history.json").write_text(json.dumps(old))
@@ -110,6 +110,7 @@ def test_an_older_history_loads_and_resume_picks_the_same_round_as_before(tmp_pa
     assert record.elapsed_before == 0.0 and record.config["num-server-rounds"] == 6
     assert record.config["ct-window"] == "-160,240"  # the window it was trained with, sent to the sites from now on
     assert record.config["spacing"] == 0.0  # whole slices, as it trained, not the default's 4 mm nor the resume's 2
+    assert record.config["mr-intensity"] == "percentiles"
     assert record.config["classes"] == "organ:2,lesion:40"  # and the class weights (written out since)
     assert record.events[-1]["event"] == "resumed after round 2; round 3 (in flight at the stop) is run again"
 

@@ -17,7 +17,7 @@ import torch
 from pydicom.sr.codedict import codes
 
 from common.config import class_names
-from common.dataset import Preprocessing, normalise
+from common.dataset import Preprocessing, PreprocessingError, normalise
 from common.dicom_bounds import read_dicom
 from common.dicom_io import LPS_TO_RAS, LoadReport, Series, decode_series, image_series, voxel_to_patient
 from common.inference import segment_series
@@ -113,12 +113,12 @@ def predict_folder(global_model: GlobalModel, source: Path, out: Path, device: t
         else:
             try:
                 prediction, share = predict_series(global_model, series, stem, device, nifti, png)
-            except ValueError as err:  # the checkpoint's preprocessing does not fit this series (`check_growth`)
+            except PreprocessingError as err:  # the checkpoint's spacing would blow this series up (`check_growth`)
                 report.skip(f"series {series.uid}", str(err))
-                continue
-            results.append(prediction)
-            log.info("[%d/%d] patient %s: %d slices -> %s (%s); %.1f s so far", done, len(found), series.patient_id,
-                     prediction.slices, prediction.seg, share, time.time() - started)
+            else:
+                results.append(prediction)
+                log.info("[%d/%d] patient %s: %d slices -> %s (%s); %.1f s so far", done, len(found), series.patient_id,
+                         prediction.slices, prediction.seg, share, time.time() - started)
         del series  # before the next series is decoded: one series in memory, never two
     if not decoded:
         raise ValueError(f"no usable image series under {source}\n{report.format()}")

@@ -166,7 +166,7 @@ def train_round(model: torch.nn.Module, patients: Sequence[Patient], settings: T
         optimizer.zero_grad(set_to_none=True)
         params = {n: p.detach() for n, p in model.named_parameters()}
         if batch:
-            images, masks = _batch([patients[i] for i in batch], slices_per_patient, patch, augment, sampling)
+            images, masks = patch_batch([patients[i] for i in batch], slices_per_patient, patch, augment, sampling)
             onehot = torch.nn.functional.one_hot(masks.to(device), num_classes).movedim(-1, 2).float()
             grads, loss = per_patient(params, images.to(device), onehot)  # one gradient per patient, for Opacus to clip and noise
             for name, p in model.named_parameters():
@@ -183,8 +183,9 @@ def train_round(model: torch.nn.Module, patients: Sequence[Patient], settings: T
     return float(np.mean(losses)) if losses else math.nan
 
 
-def _batch(patients: Sequence[Patient], count: int, size: int, augment, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """[patients, count, 1, size, size] image patches and [patients, count, size, size] class indices, augmented."""
+def patch_batch(patients: Sequence[Patient], count: int, size: int, augment, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """[patients, count, 1, size, size] image patches and [patients, count, size, size] class indices,
+    augmented: what a step trains on (the bench's plain-SGD reference too)."""
     images, masks = [], []
     for patient in patients:
         for k, focus in _slices(patient, count, generator):

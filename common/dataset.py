@@ -38,6 +38,11 @@ from monai.transforms import (
 
 from common.config import IMAGE_SIZES, MR_INTENSITY, RUN_DEFAULTS, parse_ct_window, parse_spacing
 from common.dicom_io import LabelledSeries, LoadReport, Series, load_site_series
+from common.errors import FedsegError
+
+
+class PreprocessingError(FedsegError, ValueError):
+    """A series the run's preprocessing would make too large to hold (a ValueError, as a bad value is)."""
 
 
 @dataclass(frozen=True)
@@ -64,26 +69,26 @@ class Preprocessing:
 
     def grid(self, series: Series) -> tuple[int, int]:
         """(rows, cols) of the series' slices at the model: at `spacing`, or the image size. Past MAX_GRID
-        pixels a side, a ValueError."""
+        pixels a side, a PreprocessingError."""
         if not self.spacing:
             return self.image_size, self.image_size  # IMAGE_SIZES bounds it
         rows, cols = series.volume.shape[1:]
         grid = tuple(max(1, round(n * mm / self.spacing)) for n, mm in zip((rows, cols), series.spacing[1:]))
         if max(grid) > MAX_GRID:
-            raise ValueError(f"series {series.uid} ({rows}x{cols} at {series.spacing[1]:g}x{series.spacing[2]:g} mm) would be "
+            raise PreprocessingError(f"series {series.uid} ({rows}x{cols} at {series.spacing[1]:g}x{series.spacing[2]:g} mm) would be "
                              f"{grid[0]}x{grid[1]} pixels at {self.spacing:g} mm; at most {MAX_GRID} a side")
         return grid
 
 
 def check_growth(series: Series, preprocessing: Preprocessing) -> None:
-    """A ValueError, before anything is resampled, when the series prepared would take more than
-    MAX_GROWTH times its own pixels (or MIN_BUDGET_PIXELS, when more): what `fedseg predict` checks of a
+    """A PreprocessingError, before anything is resampled, when the series prepared would take more
+    than MAX_GROWTH times its own pixels and more than MIN_BUDGET_PIXELS: what `fedseg predict` checks of a
     checkpoint's preprocessing, so a global model cannot make it hold many times a series in memory.
     (A site guard refuses a fine spacing by its policy instead: a refusal that depended on the data
     would tell a coordinator about it.)"""
     prepared = len(series.volume) * math.prod(preprocessing.grid(series))
     if prepared > max(MAX_GROWTH * series.volume.size, MIN_BUDGET_PIXELS):
-        raise ValueError(f"series {series.uid} of {series.volume.size} pixels would take {prepared} at {preprocessing.spacing:g} mm "
+        raise PreprocessingError(f"series {series.uid} of {series.volume.size} pixels would take {prepared} at {preprocessing.spacing:g} mm "
                          f"spacing: more than {MAX_GROWTH}x its own (or {MIN_BUDGET_PIXELS})")
 
 

@@ -49,7 +49,7 @@ def segment_series(model: torch.nn.Module, series: Series, preprocessing: Prepro
                    batch: int = 32) -> np.ndarray:
     """Class indices, [slices, rows, cols] uint8, aligned with `series.volume`, of the series prepared
     as the model was trained (`preprocessing`, from its run config). A checkpoint whose spacing would
-    blow the series up in memory is a ValueError (`check_growth`)."""
+    blow the series up in memory is a PreprocessingError (`check_growth`)."""
     check_growth(series, preprocessing)
     rows, cols = series.volume.shape[1:]
     return native_labels(model, prepare_image(series, preprocessing), (rows, cols), preprocessing.image_size, device, batch)

@@ -180,3 +180,16 @@ def test_a_training_patch_centres_the_class_it_is_drawn_for_and_pads_a_small_sli
     small, small_labels = _patch(image[:, :20, :24], mask[:20, :24] + 1, 32, 0, generator)
     assert small.shape == (1, 32, 32) and small_labels.shape == (32, 32) and (small_labels == 1).all()
     assert small[0, 0, 0] == image[0, 0, 0] and small[0, -1, -1] == image[0, 19, 23]  # edge pixels repeated
+
+
+def test_a_long_series_is_scored_a_batch_of_slices_at_a_time(monkeypatch):
+    """The sliding window keeps the scores of all it is given: `native_labels` gives it `batch` slices
+    at a time, so neither grid's scores are held for a whole long series."""
+    import common.inference
+
+    given = []
+    real = common.inference.slice_logits
+    monkeypatch.setattr(common.inference, "slice_logits", lambda model, image, *args, **kw: given.append(len(image)) or real(model, image, *args, **kw))
+    image = np.random.default_rng(6).random((10, 1, 20, 20), dtype=np.float32)
+    labels = native_labels(_Sizes(), image, (30, 30), 16, torch.device("cpu"), batch=4)
+    assert given == [4, 4, 2] and labels.shape == (10, 30, 30)

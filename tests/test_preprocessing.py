@@ -111,3 +111,23 @@ def test_prediction_prepares_a_series_with_its_checkpoints_window(tmp_path):
     assert (masks["bone"][bone] == 1).all() and (masks["bone"][tissue] == 0).all()  # bone apart from tissue
     assert (masks["before the options"][bone] == 1).all() and (masks["before the options"][tissue] == 1).all()  # both saturate alike
     # (and on the whole 16² slice, as before `spacing`: at its default 4 mm, the 1 mm blocks would blur into 4x4 pixels)
+
+
+def test_predict_skips_a_series_its_checkpoints_spacing_would_blow_up_and_goes_on(tmp_path, tiny_site, monkeypatch):
+    """A hostile global model asks for 0.3 mm pixels: the tiny CTs' 9.4 mm pixels would take ~1000x
+    their memory. Predict names the series in its report and writes nothing for it; a sane checkpoint
+    predicts the same series."""
+    import common.dataset
+    from client.predict import predict_folder
+
+    monkeypatch.setattr(common.dataset, "MIN_BUDGET_PIXELS", 0)  # the series as if large: only the 4x rule
+    patient = next(p for p in sorted(tiny_site.iterdir()) if p.is_dir())
+    outcomes = {}
+    for spacing in (0.3, 8.0):
+        RunRecord(tmp_path / str(spacing), run_config({"image-size": SIZE, "spacing": spacing})).save_checkpoint(0, to_arrays(build_model(3)), {})
+        results, report = predict_folder(load_global_model(tmp_path / str(spacing)), patient, tmp_path / str(spacing) / "out",
+                                         torch.device("cpu"), png=False)
+        outcomes[spacing] = (len(results), [s["reason"] for s in report.skipped])
+    assert outcomes[0.3][0] == 0 and any("more than 4x its own" in reason for reason in outcomes[0.3][1])
+    assert not list((tmp_path / "0.3" / "out").rglob("*.dcm"))
+    assert outcomes[8.0] == (1, [])

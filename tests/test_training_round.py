@@ -19,9 +19,9 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def test_a_non_private_step_is_the_dp_step_without_its_noise(tiny_site, tmp_path, monkeypatch):
-    """Every patient's gradient is clipped by itself: one patient whose gradient is 1000 times the
-    others' moves the weights no more than they do, where clipping the batch's sum would let it decide
-    the step's direction. No noise is drawn."""
+    """Every patient's gradient is clipped by itself (the clipping norm is far below each), the sum is
+    divided by the expected batch, and no noise is drawn: a step moves the weights at most
+    lr × norm × (patients in it) / expected batch, whatever one patient's gradient."""
     guard, _ = open_guard(SiteState(tmp_path / "state"), "north", tiny_site, {"allow_non_private": True, "validation_fraction": 0.0})
     config = run_config({"image-size": 16, "local-epochs": 1, "batch-size": 2, "target-epsilon": math.inf, "momentum": 0.0,
                          "learning-rate": 1.0, "max-grad-norm": 1e-3})
@@ -33,7 +33,9 @@ def test_a_non_private_step_is_the_dp_step_without_its_noise(tiny_site, tmp_path
     real_step = training.DPOptimizer.step
 
     def step(self, *args, **kwargs):
-        norms = torch.stack([p.grad_sample.flatten(1).norm(dim=1) ** 2 for p in self.params]).sum(0).sqrt() if self.params[0].grad_sample.shape[0] else None
+        norms = None  # an empty Poisson batch
+        if self.params[0].grad_sample.shape[0]:
+            norms = torch.stack([p.grad_sample.flatten(1).norm(dim=1) ** 2 for p in self.params]).sum(0).sqrt()
         result = real_step(self, *args, **kwargs)
         clipped.append((norms, [p.grad.detach().clone() for p in self.params]))
         return result

@@ -41,6 +41,11 @@ from common.dicom_io import LabelledSeries, LoadReport, Series, load_site_series
 from common.errors import FedsegError
 
 
+MAX_GRID = 2048  # pixels a side of a resampled slice (a float32 slice of 16 MB)
+MAX_GROWTH = 4  # times a series' own pixels predict lets its prepared image take, at most ...
+MIN_BUDGET_PIXELS = 2**26  # ... or this many (256 MB of float32), so a small or coarse series may be upsampled
+
+
 class PreprocessingError(FedsegError, ValueError):
     """A series the run's preprocessing would make too large to hold (a ValueError, as a bad value is)."""
 
@@ -76,7 +81,7 @@ class Preprocessing:
         grid = tuple(max(1, round(n * mm / self.spacing)) for n, mm in zip((rows, cols), series.spacing[1:]))
         if max(grid) > MAX_GRID:
             raise PreprocessingError(f"series {series.uid} ({rows}x{cols} at {series.spacing[1]:g}x{series.spacing[2]:g} mm) would be "
-                             f"{grid[0]}x{grid[1]} pixels at {self.spacing:g} mm; at most {MAX_GRID} a side")
+                                     f"{grid[0]}x{grid[1]} pixels at {self.spacing:g} mm; at most {MAX_GRID} a side")
         return grid
 
 
@@ -89,12 +94,7 @@ def check_growth(series: Series, preprocessing: Preprocessing) -> None:
     prepared = len(series.volume) * math.prod(preprocessing.grid(series))
     if prepared > max(MAX_GROWTH * series.volume.size, MIN_BUDGET_PIXELS):
         raise PreprocessingError(f"series {series.uid} of {series.volume.size} pixels would take {prepared} at {preprocessing.spacing:g} mm "
-                         f"spacing: more than {MAX_GROWTH}x its own (or {MIN_BUDGET_PIXELS})")
-
-
-MAX_GRID = 2048  # pixels a side of a resampled slice (a float32 slice of 16 MB)
-MAX_GROWTH = 4  # times a series' own pixels predict lets its prepared image take, at most ...
-MIN_BUDGET_PIXELS = 2**26  # ... or this many (256 MB of float32), so a small or coarse series may be upsampled
+                                 f"spacing: more than {MAX_GROWTH}x its own (or {MIN_BUDGET_PIXELS})")
 
 
 @dataclass
@@ -142,7 +142,7 @@ def normalise(volume: np.ndarray, modality: str, preprocessing: Preprocessing) -
         scale = NormalizeIntensity()
     else:
         scale = ScaleIntensityRangePercentiles(lower=1, upper=99, b_min=0.0, b_max=1.0, clip=True)
-    return np.asarray(scale(volume.astype(np.float32)), dtype=np.float32)
+    return np.asarray(scale(np.asarray(volume, dtype=np.float32)), dtype=np.float32)  # no copy of a float32 volume
 
 
 def prepare_image(series: Series, preprocessing: Preprocessing) -> np.ndarray:
